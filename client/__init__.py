@@ -1,0 +1,1 @@
+"""Python client library, CLI commands and load generator for fusionserve servers."""

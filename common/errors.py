@@ -1,0 +1,43 @@
+"""One exception hierarchy for the whole project, free of any transport.
+
+Front-ends map these to their own status codes in one place (the gRPC error interceptor);
+nothing here knows about gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+
+class FusionServeError(Exception):
+    """Base of every error fusionserve raises on purpose."""
+
+
+class InvalidInputError(FusionServeError):
+    """The caller sent something the model cannot take; the message says what to fix."""
+
+
+class ModelNotFoundError(FusionServeError):
+    """No model (or no such version of it) is in the repository."""
+
+
+class ModelNotReadyError(FusionServeError):
+    """The model exists but cannot serve now (loading, failed, or the server is draining)."""
+
+
+class QueueFullError(FusionServeError):
+    """The model's batch queue is full; the caller should back off and retry."""
+
+
+class DeadlineExceededError(FusionServeError):
+    """The caller's deadline passed before the work was done."""
+
+
+class UnauthenticatedError(FusionServeError):
+    """The call carries no valid credentials."""
+
+
+class RepositoryError(FusionServeError):
+    """The model repository on disk is missing, malformed, or does not match its config."""
+
+
+class ExportError(FusionServeError):
+    """An export step failed (conversion, graph gate, parity, or bad input files)."""

@@ -1,0 +1,149 @@
+"""Preprocessing shared by training and serving; imports neither TensorFlow nor gRPC.
+
+Text follows Keras' ``text_to_word_sequence`` + ``pad_sequences`` defaults, images follow the
+seed's OpenCV ``preprocess_image`` (BGR, ``cv2.INTER_LINEAR`` resize, float32 in [0, 1]).
+Both are tested against the reference implementations, so train/serve skew cannot creep in.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fusionserve.errors import InvalidInputError
+
+KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+PAD_INDEX = 0
+OOV_INDEX = 1
+OOV_TOKEN = "[UNK]"
+
+_FILTER_TABLE = str.maketrans({c: " " for c in KERAS_FILTERS})
+
+
+def text_to_word_sequence(text: str) -> list[str]:
+    """Split a text into words exactly as Keras' ``text_to_word_sequence`` does by default.
+
+    Lower-cases, turns every filtered character into a space, splits on single spaces and drops
+    empty strings.
+    """
+    return [w for w in text.lower().translate(_FILTER_TABLE).split(" ") if w]
+
+
+def pad_tokens(sequences: Sequence[Sequence[int]], max_length: int) -> np.ndarray:
+    """Pad and truncate at the front, as Keras' ``pad_sequences`` does by default.
+
+    Returns:
+        int32 array of shape ``[len(sequences), max_length]``.
+    """
+    out = np.full((len(sequences), max_length), PAD_INDEX, dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            continue
+        kept = seq[-max_length:]
+        out[row, max_length - len(kept) :] = kept
+    return out
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Word → index map: 0 is padding, 1 is out-of-vocabulary, then words by frequency."""
+
+    word_index: dict[str, int]
+    max_words: int = 10_000
+    max_length: int = 100
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], max_words: int = 10_000, max_length: int = 100) -> Vocabulary:
+        """Build a vocabulary from texts: most frequent first, ties by first appearance."""
+        counts: collections.Counter[str] = collections.Counter()
+        for text in texts:
+            counts.update(text_to_word_sequence(text))
+        # Counter.most_common keeps insertion order among equal counts, so the result is stable.
+        words = [w for w, _ in counts.most_common(max_words - 2)]
+        return cls({w: i + 2 for i, w in enumerate(words)}, max_words=max_words, max_length=max_length)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → int32 tokens ``[N, max_length]``; unknown words map to the OOV index."""
+        index = self.word_index
+        seqs = [[index.get(w, OOV_INDEX) for w in text_to_word_sequence(t)] for t in texts]
+        return pad_tokens(seqs, self.max_length)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict; see :meth:`from_json`."""
+        return {
+            "max_words": self.max_words,
+            "max_length": self.max_length,
+            "pad_index": PAD_INDEX,
+            "oov_index": OOV_INDEX,
+            "oov_token": OOV_TOKEN,
+            "filters": KERAS_FILTERS,
+            "lower": True,
+            "padding": "pre",
+            "truncating": "pre",
+            "word_index": self.word_index,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocabulary:
+        """Load a vocabulary written by :meth:`to_json`, checking that it is well formed."""
+        try:
+            word_index = {str(k): int(v) for k, v in data["word_index"].items()}
+            max_words = int(data["max_words"])
+            max_length = int(data["max_length"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed vocabulary: {e!r}") from e
+        if word_index and (min(word_index.values()) < 2 or max(word_index.values()) >= max_words):
+            raise ValueError(f"vocabulary indices must lie in [2, {max_words})")
+        return cls(word_index, max_words=max_words, max_length=max_length)
+
+    def save(self, path: Path) -> None:
+        """Write the vocabulary as JSON."""
+        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary:
+        """Read a vocabulary JSON file."""
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, BMP, …) into a BGR uint8 array ``[H, W, 3]``.
+
+    Grayscale images are expanded to three channels and alpha is dropped, as ``cv2.imread`` does.
+
+    Raises:
+        InvalidInputError: the bytes are empty or not an image OpenCV can decode.
+    """
+    if not data:
+        raise InvalidInputError("image is empty: send encoded PNG, JPEG or BMP bytes")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InvalidInputError(
+            f"image does not decode ({len(data)} bytes): send encoded PNG, JPEG or BMP bytes"
+        )
+    return image
+
+
+def preprocess_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a BGR uint8 image with ``cv2.INTER_LINEAR`` and scale it to float32 in [0, 1].
+
+    Returns:
+        float32 array ``[height, width, 3]``.
+    """
+    if image.shape[0] != height or image.shape[1] != width:
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image.astype(np.float32) / np.float32(255.0)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a BGR uint8 array as PNG bytes (lossless, so decoding gives the same pixels)."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise InvalidInputError("image could not be encoded as PNG")
+    return buf.tobytes()

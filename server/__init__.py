@@ -1,0 +1,1 @@
+"""The serving side: one core (registry, batcher, pipeline) behind thin gRPC front-ends; never imports TensorFlow."""
