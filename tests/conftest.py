@@ -30,3 +30,23 @@ def repository(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     repo = tmp_path_factory.mktemp("repo")
     export_from_dir(trained_dir, repo)
     return repo
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path):
+    """One shared server over the session repository (tests that stop a server start their own)."""
+    from tests.serving import RunningServer
+
+    running = RunningServer(repository)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """Held-out generated (PNG bytes, caption) pairs, distinct per index."""
+    from fusionserve.export import data
+    from fusionserve.preprocess import encode_png
+
+    ds = data.generate(256, seed=4242)
+    return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (protos/fusionserve/v1); regenerate with protos/generate.py."""

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (protos/fusionserve/v2); regenerate with protos/generate.py."""

@@ -1,0 +1,120 @@
+"""The app factory: one ServingCore behind the typed API, health, reflection and metrics.
+
+``FusionServer`` is the public way to run a server, in tests (port 0) as in production
+(``fusionserve serve``): start → serve → stop(grace) drains in-flight work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from fusionserve.server.core import READY, ServingCore
+from fusionserve.server.grpc_errors import ErrorInterceptor
+from fusionserve.server.metrics import Metrics
+from fusionserve.server.settings import ServerSettings
+from fusionserve.server.typed_servicer import FusionServicer
+from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+TYPED_SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
+
+
+class FusionServer:
+    """A running fusionserve server: the core, the gRPC server, health and metrics."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.core = ServingCore(settings, self.metrics)
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load and warm up the models, then bind and start serving."""
+        await self.core.start()
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = [TYPED_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        services += self._add_extra_services(server)
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind gRPC to {address}")
+        await server.start()
+        self._server = server
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        await self._publish_health()
+        logger.info("fusionserve listening on %s (port %d)", self.settings.host, self.port)
+
+    def _add_extra_services(self, server: grpc.aio.Server) -> list[str]:
+        """Front-ends beyond the typed API; returns their service names for reflection."""
+        return []
+
+    async def _publish_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving if self.core.ready else not_serving)
+        await self.health.set(TYPED_SERVICE, serving if self.core.ready else not_serving)
+        names = {e.name for e in self.core.entries()}
+        for name in sorted(names):
+            entry = self.core.find(name)
+            await self.health.set(name, serving if entry.state == READY and not self.core.draining else not_serving)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("shutting down: draining for up to %.1fs", grace)
+        self.core.begin_drain()
+        await self._publish_health()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.core.aclose()
+        self.metrics.close()
+        self._stopped.set()
+        logger.info("shut down")
+
+    async def wait(self) -> None:
+        """Wait until the server has been stopped."""
+        await self._stopped.wait()
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain and return 0."""
+    server = FusionServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        if not stopping:
+            stopping.append(loop.create_task(server.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.wait()
+    return 0

@@ -1,0 +1,235 @@
+"""Dynamic batching: items from concurrent calls merged into one model run.
+
+One consumer task per model takes the first queued item, adds whatever else is queued, and — only
+when the model has been busy (work arrived while the last batch ran) — waits up to
+``max_queue_delay_s`` for more, up to ``max_batch_size`` items. A lone caller therefore never waits
+for a batch that will never fill, while a crowd is still batched. The queue is bounded in items;
+a full queue raises QueueFullError at once. Expired and cancelled work is dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusionserve.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotReadyError,
+    QueueFullError,
+)
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Work:
+    inputs: Mapping[str, np.ndarray]
+    size: int
+    future: asyncio.Future
+    deadline: float | None  # loop.time() by which the caller needs the answer
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    """Observer hooks the metrics layer plugs into (all optional)."""
+
+    on_batch: Callable[[int, float], None] | None = None  # (items, compute seconds)
+    on_queue_time: Callable[[float], None] | None = None  # seconds one work item waited
+
+
+class DynamicBatcher:
+    """Batches ``submit`` calls for one model and runs them in an executor."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunFn,
+        executor: Executor | None,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.002,
+        max_queue_size: int = 1024,
+        stats: BatchStats | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._run = run
+        self._executor = executor
+        self._stats = stats or BatchStats()
+        self._queue: collections.deque[_Work] = collections.deque()
+        self._queued_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._busy = False  # work arrived while the last batch was running
+        self._running = False
+        self.batches_run = 0
+        self.items_run = 0
+
+    @property
+    def queued_items(self) -> int:
+        """Items waiting in the queue now."""
+        return self._queued_items
+
+    async def start(self) -> None:
+        """Start the consumer task (on the running loop)."""
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher:{self.name}")
+
+    async def aclose(self) -> None:
+        """Stop taking work, fail what is queued with ModelNotReadyError, stop the consumer."""
+        self._closed = True
+        while self._queue:
+            work = self._queue.popleft()
+            if not work.future.done():
+                work.future.set_exception(ModelNotReadyError(f"model {self.name!r} is shutting down"))
+        self._queued_items = 0
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Queue one call's rows (all inputs share the first dimension) and await its outputs.
+
+        Raises:
+            InvalidInputError: more rows than ``max_batch_size``.
+            QueueFullError: the queue cannot take these rows now.
+            DeadlineExceededError: the deadline passed before the rows were run.
+            ModelNotReadyError: the batcher is closed.
+        """
+        if self._closed or self._task is None:
+            raise ModelNotReadyError(f"model {self.name!r} is not serving")
+        sizes = {len(v) for v in inputs.values()}
+        if len(sizes) != 1:
+            raise InvalidInputError(f"model {self.name!r}: inputs disagree on the batch size: {sorted(sizes)}")
+        size = sizes.pop()
+        if size < 1:
+            raise InvalidInputError(f"model {self.name!r}: empty batch")
+        if size > self.max_batch_size:
+            raise InvalidInputError(
+                f"model {self.name!r}: batch of {size} is over the maximum of {self.max_batch_size}"
+            )
+        if self._queued_items + size > self.max_queue_size:
+            raise QueueFullError(
+                f"model {self.name!r}: queue is full ({self._queued_items} of {self.max_queue_size} items); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        work = _Work(inputs, size, loop.create_future(), deadline)
+        self._queue.append(work)
+        self._queued_items += size
+        if self._running:
+            self._busy = True
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await work.future  # cancelling the caller cancels the future; the consumer skips it
+
+    def _take(self, batch: list[_Work], rows: int) -> int:
+        """Move queued work into ``batch`` while it fits; returns the new row count."""
+        while self._queue and rows + self._queue[0].size <= self.max_batch_size:
+            work = self._queue.popleft()
+            self._queued_items -= work.size
+            batch.append(work)
+            rows += work.size
+        return rows
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch: list[_Work] = []
+            rows = self._take(batch, 0)
+            if self._busy and rows < self.max_batch_size and self.max_queue_delay_s > 0:
+                until = loop.time() + self.max_queue_delay_s
+                while rows < self.max_batch_size and (remaining := until - loop.time()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    except TimeoutError:
+                        break
+                    rows = self._take(batch, rows)
+                    if self._queue:  # the next item does not fit: run what we have
+                        break
+            self._busy = bool(self._queue) or len(batch) > 1
+            await self._run_batch(batch, loop)
+
+    async def _run_batch(self, batch: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        live = []
+        for work in batch:
+            if work.future.done():  # cancelled by its caller
+                continue
+            if work.deadline is not None and now >= work.deadline:
+                work.future.set_exception(
+                    DeadlineExceededError(f"model {self.name!r}: deadline passed while queued")
+                )
+                continue
+            live.append(work)
+        if not live:
+            return
+        started = time.perf_counter()
+        if self._stats.on_queue_time:
+            for work in live:
+                self._stats.on_queue_time(started - work.enqueued)
+        names = list(live[0].inputs)
+        if len(live) == 1:
+            merged = dict(live[0].inputs)
+        else:
+            merged = {n: np.concatenate([w.inputs[n] for w in live], axis=0) for n in names}
+        rows = sum(w.size for w in live)
+        self._running = True
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, merged)
+        except Exception as e:  # fan the failure out to every waiter
+            logger.exception("model %r failed on a batch of %d", self.name, rows)
+            for work in live:
+                if not work.future.done():
+                    work.future.set_exception(e)
+            return
+        finally:
+            self._running = False
+        compute_s = time.perf_counter() - started
+        if any(len(v) != rows for v in outputs.values()):
+            error = RuntimeError(
+                f"model {self.name!r} returned {({k: len(v) for k, v in outputs.items()})} rows for a batch of {rows}"
+            )
+            logger.error("%s", error)
+            for work in live:
+                if not work.future.done():
+                    work.future.set_exception(error)
+            return
+        self.batches_run += 1
+        self.items_run += rows
+        if self._stats.on_batch:
+            self._stats.on_batch(rows, compute_s)
+        offset = 0
+        for work in live:
+            end = offset + work.size
+            if not work.future.done():
+                work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+            offset = end

@@ -1,0 +1,44 @@
+"""``fusionserve serve``: run the server from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from fusionserve.server.settings import ServerSettings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load settings (defaults < --config < FUSIONSERVE_* env < flags) and serve until SIGTERM."""
+    from fusionserve.server.app import serve
+
+    overrides = {
+        "repository": args.repository,
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "device": args.device,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "shutdown_grace_s": args.shutdown_grace_s,
+    }
+    settings = ServerSettings.load(args.config, overrides=overrides)
+    logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
+    return asyncio.run(serve(settings))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand."""
+    p = sub.add_parser("serve", help="serve a model repository over gRPC")
+    p.add_argument("--repository", type=Path, help="model repository (from 'fusionserve export')")
+    p.add_argument("--host", help="bind address (default [::])")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002, -1 disables)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution provider (default auto)")
+    p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
+    p.add_argument("--max-queue-delay-ms", type=float, help="batch wait once busy (default 2)")
+    p.add_argument("--shutdown-grace-s", type=float, help="drain time on SIGTERM (default 10)")
+    p.add_argument("--config", type=Path, help="JSON file with any ServerSettings field")
+    p.set_defaults(func=cmd_serve)

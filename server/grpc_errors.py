@@ -1,0 +1,126 @@
+"""Exceptions → gRPC status codes, in one table and one interceptor for every RPC kind.
+
+Unknown exceptions are bugs: they are logged with their traceback and the caller sees
+``INTERNAL "internal error"`` (never grpc's raw "Unexpected <class ...>", which leaks internals).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from fusionserve.errors import (
+    DeadlineExceededError,
+    FusionServeError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    QueueFullError,
+    RepositoryError,
+    UnauthenticatedError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (RepositoryError, grpc.StatusCode.UNAVAILABLE),
+)
+INTERNAL_MESSAGE = "internal error"
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller should see for ``error``."""
+    for kind, code in STATUS_OF:
+        if isinstance(error, kind):
+            return code, str(error)
+    if isinstance(error, FusionServeError):
+        return grpc.StatusCode.INTERNAL, str(error)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def _log_unexpected(error: BaseException, method: str) -> None:
+    if not isinstance(error, FusionServeError):
+        logger.exception("bug in %s", method, exc_info=error)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            _log_unexpected(e, method)
+            code, message = status_of(e)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            _log_unexpected(e, method)
+            code, message = status_of(e)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by our handlers (unary or streaming) to status codes.
+
+    Only our own services are wrapped (health and reflection handle their own errors).
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("/fusionserve.", "/inference.")) -> None:
+        self._prefixes = prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(self._prefixes):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,175 @@
+"""The ``multimodal`` pipeline: encoded image + text → probabilities and label.
+
+Images are decoded and resized off the event loop; texts are tokenised; the image and text
+encoders run concurrently (each through its own batcher), then the fusion model (batched too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusionserve.errors import FusionServeError, InvalidInputError
+from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
+from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.limits import Limits, check_image_header
+
+
+@dataclass
+class PipelineResult:
+    """Per-item outcome: rows of the arrays line up with ``ok`` (indices of items that worked)."""
+
+    size: int
+    ok: list[int]
+    errors: dict[int, FusionServeError]
+    probabilities: np.ndarray
+    image_features: np.ndarray
+    text_features: np.ndarray
+    labels: tuple[str, ...]
+
+    def label_of(self, row: int) -> tuple[int, str]:
+        """(index, name) of the most probable label for a row."""
+        index = int(np.argmax(self.probabilities[row]))
+        return index, self.labels[index]
+
+
+def _decode_all(images: Sequence[bytes], height: int, width: int, limits: Limits) -> list[np.ndarray | Exception]:
+    out: list[np.ndarray | Exception] = []
+    for i, data in enumerate(images):
+        try:
+            check_image_header(data, limits)
+            out.append(preprocess_image(decode_image(data), height, width))
+        except FusionServeError as e:
+            out.append(InvalidInputError(f"item {i}: {e}"))
+    return out
+
+
+class MultimodalPipeline:
+    """Runs image encoder ∥ text encoder → fusion for a batch of (image bytes, text) items."""
+
+    def __init__(
+        self,
+        *,
+        image: DynamicBatcher,
+        text: DynamicBatcher,
+        fusion: DynamicBatcher,
+        image_size: tuple[int, int],
+        vocabulary: Vocabulary,
+        labels: Sequence[str],
+        executor: Executor,
+        limits: Limits,
+        max_batch_size: int,
+    ) -> None:
+        self.image, self.text, self.fusion = image, text, fusion
+        self.height, self.width = image_size
+        self.vocabulary = vocabulary
+        self.labels = tuple(labels)
+        self.executor = executor
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+
+    def _check_texts(self, texts: Sequence[str]) -> dict[int, FusionServeError]:
+        errors: dict[int, FusionServeError] = {}
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                errors[i] = InvalidInputError(f"item {i}: text is empty")
+            elif len(text) > self.limits.max_text_chars:
+                errors[i] = InvalidInputError(
+                    f"item {i}: text has {len(text)} characters, over the limit of {self.limits.max_text_chars}"
+                )
+        return errors
+
+    def _check_batch(self, n: int) -> None:
+        if n == 0:
+            raise InvalidInputError("empty batch: send at least one item")
+        if n > self.max_batch_size:
+            raise InvalidInputError(f"batch of {n} items is over the maximum of {self.max_batch_size}")
+
+    async def images(self, images: Sequence[bytes]) -> list[np.ndarray | Exception]:
+        """Decode and resize images off the event loop."""
+        if not images:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, _decode_all, images, self.height, self.width, self.limits
+        )
+
+    async def run(
+        self,
+        images: Sequence[bytes],
+        texts: Sequence[str],
+        *,
+        deadline: float | None = None,
+        per_item_errors: bool = False,
+    ) -> PipelineResult:
+        """Classify a batch.
+
+        Args:
+            images: encoded image bytes, one per item.
+            texts: one text per item.
+            deadline: ``loop.time()`` by which the answer is needed.
+            per_item_errors: report bad items in the result instead of failing the whole batch.
+
+        Raises:
+            InvalidInputError: a bad batch, or (unless ``per_item_errors``) any bad item.
+        """
+        n = len(images)
+        if len(texts) != n:
+            raise InvalidInputError(f"{n} images but {len(texts)} texts: send one of each per item")
+        self._check_batch(n)
+        errors = self._check_texts(texts)
+        decoded = await self.images(images)
+        for i, value in enumerate(decoded):
+            if isinstance(value, FusionServeError) and i not in errors:
+                errors[i] = value
+        if errors and not per_item_errors:
+            first = min(errors)
+            more = f" (and {len(errors) - 1} more bad items)" if len(errors) > 1 else ""
+            raise InvalidInputError(f"{errors[first]}{more}")
+        ok = [i for i in range(n) if i not in errors]
+        if not ok:
+            empty = np.zeros((0, 0), np.float32)
+            return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)
+        batch = np.stack([decoded[i] for i in ok])  # type: ignore[misc]
+        tokens = self.vocabulary.encode([texts[i] for i in ok])
+        image_out, text_out = await asyncio.gather(
+            self.image.submit({"image": batch}, deadline=deadline),
+            self.text.submit({"tokens": tokens}, deadline=deadline),
+        )
+        image_features, text_features = image_out["image_features"], text_out["text_features"]
+        fused = await self.fusion.submit(
+            {"image_features": image_features, "text_features": text_features}, deadline=deadline
+        )
+        return PipelineResult(
+            n, ok, errors, fused["probabilities"], image_features, text_features, self.labels
+        )
+
+    async def embed(
+        self, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Image and/or text embeddings; any bad item fails the call with InvalidInputError."""
+        if not images and not texts:
+            raise InvalidInputError("empty request: send images and/or texts")
+        for count in (len(images), len(texts)):
+            if count:
+                self._check_batch(count)
+        errors = self._check_texts(texts)
+        if errors:
+            raise errors[min(errors)]
+        decoded = await self.images(images)
+        bad = [d for d in decoded if isinstance(d, Exception)]
+        if bad:
+            raise bad[0]
+        jobs = []
+        if images:
+            jobs.append(self.image.submit({"image": np.stack(decoded)}, deadline=deadline))  # type: ignore[arg-type]
+        if texts:
+            jobs.append(self.text.submit({"tokens": self.vocabulary.encode(texts)}, deadline=deadline))
+        results = list(await asyncio.gather(*jobs))
+        image_features = results.pop(0)["image_features"] if images else None
+        text_features = results.pop(0)["text_features"] if texts else None
+        return image_features, text_features

@@ -1,0 +1,154 @@
+"""Server settings: defaults < config file (JSON) < ``FUSIONSERVE_*`` environment < command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FUSIONSERVE_"
+
+
+@dataclass
+class ServerSettings:
+    """Everything ``fusionserve serve`` can be told. Units are in the names."""
+
+    repository: Path = Path("model-repository")
+    """Model repository written by ``fusionserve export``."""
+    host: str = "[::]"
+    """Address the gRPC server binds to."""
+    port: int = 8001
+    """gRPC port (0 picks a free one)."""
+    metrics_port: int = 8002
+    """Prometheus metrics HTTP port (0 picks a free one, -1 disables)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics server binds to."""
+    device: str = "auto"
+    """``auto`` (CUDA when it loads, else CPU), ``cpu`` or ``cuda`` (refuse to start without it)."""
+    max_batch_size: int = 0
+    """Override every model's max batch size (0 keeps each config's value)."""
+    max_queue_delay_ms: float = 2.0
+    """How long a batch may wait for more items, once the model is busy. A lone caller never waits."""
+    max_queue_size: int = 1024
+    """Items a model's queue holds before new work gets RESOURCE_EXHAUSTED."""
+    intra_op_threads: int = 1
+    """onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)."""
+    inter_op_threads: int = 1
+    """onnxruntime inter-op threads per session."""
+    graph_optimization_level: str = "all"
+    """onnxruntime graph optimisation: ``disable``, ``basic``, ``extended`` or ``all``."""
+    io_binding: bool = True
+    """On CUDA, bind inputs/outputs to avoid extra copies."""
+    preprocess_threads: int = 2
+    """Threads that decode and resize images (OpenCV releases the GIL)."""
+    version_policy: Any = "latest"
+    """``latest``, ``all`` or a list of versions; per model in ``model_version_policy``."""
+    model_version_policy: dict[str, Any] = field(default_factory=dict)
+    """Per-model version policy, e.g. ``{"fusion": [1, 2]}``."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    max_image_bytes: int = 16 * 1024 * 1024
+    """Largest encoded image accepted."""
+    max_image_pixels: int = 40_000_000
+    """Largest decoded image (width × height), checked from the header before decoding."""
+    max_text_chars: int = 10_000
+    """Longest text accepted, in characters."""
+    max_stream_inflight: int = 64
+    """Requests of one stream processed at once; the stream reads no further until one is done."""
+    max_concurrent_streams: int = 256
+    """Open streams at once; more get RESOURCE_EXHAUSTED."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM: how long in-flight calls may take to finish."""
+    warmup: bool = True
+    """Run one inference per model before marking it ready."""
+    log_level: str = "INFO"
+    """Python logging level of the server."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every setting."""
+        return [f.name for f in fields(cls)]
+
+    def updated(self, values: Mapping[str, Any]) -> ServerSettings:
+        """A copy with ``values`` applied (None values are ignored), converted to each field's type."""
+        known = {f.name: f for f in fields(self)}
+        changes = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in known:
+                raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            changes[key] = _convert(known[key], value)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ServerSettings:
+        """Defaults, then the JSON config file, then ``FUSIONSERVE_*`` variables, then overrides."""
+        settings = cls()
+        if config_file is not None:
+            try:
+                data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"config file {str(config_file)!r}: {e}") from e
+            if not isinstance(data, dict):
+                raise ValueError(f"config file {str(config_file)!r} must hold a JSON object")
+            settings = settings.updated(data)
+        env = os.environ if env is None else env
+        names = set(cls.field_names())
+        # Unknown FUSIONSERVE_* variables (Kubernetes service links, say) are ignored, not fatal.
+        from_env = {
+            k[len(ENV_PREFIX) :].lower(): v
+            for k, v in env.items()
+            if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in names
+        }
+        settings = settings.updated(from_env)
+        settings = settings.updated(overrides or {})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that makes no sense."""
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
+            raise ValueError("graph_optimization_level must be disable, basic, extended or all")
+        for name in ("max_queue_size", "max_message_bytes", "max_image_bytes", "max_image_pixels",
+                     "max_text_chars", "max_stream_inflight", "max_concurrent_streams", "preprocess_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")  # fmt: skip
+        if self.max_batch_size < 0 or self.max_queue_delay_ms < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("max_batch_size, max_queue_delay_ms and shutdown_grace_s must be >= 0")
+
+
+def _convert(f: dataclasses.Field, value: Any) -> Any:
+    kind = str(f.type)
+    if isinstance(value, str):
+        if "bool" in kind:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"setting {f.name}: expected true/false, got {value!r}")
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "Path":
+            return Path(value)
+        if kind.startswith(("dict", "Any")) and value[:1] in "[{":
+            return json.loads(value)
+        return value
+    if kind == "Path":
+        return Path(value)
+    if kind == "float" and isinstance(value, int):
+        return float(value)
+    return value

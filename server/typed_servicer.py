@@ -1,0 +1,175 @@
+"""The typed API (``fusionserve.v1.FusionService``): protobuf ↔ NumPy at the edge, the core does the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from fusionserve.errors import FusionServeError, InvalidInputError
+from fusionserve.repository import PIPELINE_NAME
+from fusionserve.server.core import ModelEntry, ServingCore, deadline_from
+from fusionserve.server.grpc_errors import status_of
+from fusionserve.server.pipeline import PipelineResult
+from fusionserve.server.tracking import track
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    return deadline_from(context.time_remaining())
+
+
+def _error(error: BaseException) -> pb.Error:
+    code, message = status_of(error)
+    return pb.Error(code=code.name, message=message)
+
+
+def model_info(core: ServingCore, entry: ModelEntry) -> pb.ModelInfo:
+    """A ModelInfo message for one model version."""
+    config = entry.config
+    info = pb.ModelInfo(
+        name=entry.name,
+        version=entry.version,
+        versions=core.versions(entry.name),
+        state=entry.state,
+        execution_providers=entry.providers,
+        max_batch_size=entry.max_batch_size,
+        reason=entry.reason,
+    )
+    if config is not None:
+        info.platform = config.platform
+        info.labels.extend(config.labels)
+        info.steps.extend(f"{k}:{v}" for k, v in sorted(config.steps.items()))
+        for spec, target in ((config.inputs, info.inputs), (config.outputs, info.outputs)):
+            target.extend(pb.TensorInfo(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec)
+    return info
+
+
+def classify_response(
+    request: pb.ClassifyRequest, entry: ModelEntry, result: PipelineResult
+) -> pb.ClassifyResponse:
+    """Build the response: one Result per request item, in order, errors in-band."""
+    response = pb.ClassifyResponse(
+        request_id=request.request_id, model=entry.name, model_version=entry.version, labels=result.labels
+    )
+    rows = {item: row for row, item in enumerate(result.ok)}
+    probabilities = result.probabilities
+    for i in range(result.size):
+        row = rows.get(i)
+        if row is None:
+            response.results.add(error=_error(result.errors[i]))
+            continue
+        index = int(np.argmax(probabilities[row]))
+        r = response.results.add(label=result.labels[index], label_index=index)
+        r.probabilities.extend(probabilities[row].tolist())
+        if request.return_embeddings:
+            r.image_embedding.extend(result.image_features[row].tolist())
+            r.text_embedding.extend(result.text_features[row].tolist())
+    return response
+
+
+class FusionServicer(pb_grpc.FusionServiceServicer):
+    """Thin gRPC layer over :class:`ServingCore`."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self._streams = 0
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None, per_item: bool):
+        name = request.model or PIPELINE_NAME
+        return await self.core.classify(
+            name,
+            request.model_version,
+            [item.image for item in request.items],
+            [item.text for item in request.items],
+            deadline=deadline,
+            per_item_errors=per_item,
+        )
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        """Unary classify: any bad item fails the call with INVALID_ARGUMENT naming the item."""
+        with track(self.core.metrics, self.core.metric_label(request.model or PIPELINE_NAME), "typed"):
+            entry, result = await self._classify(request, _deadline(context), per_item=False)
+            return classify_response(request, entry, result)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        """Bidirectional stream: responses go out as soon as each request is done (match by request_id)."""
+        settings = self.core.settings
+        if self._streams >= settings.max_concurrent_streams:
+            from fusionserve.errors import QueueFullError
+
+            raise QueueFullError(f"too many open streams (limit {settings.max_concurrent_streams}); retry later")
+        self._streams += 1
+        window = asyncio.Semaphore(settings.max_stream_inflight)
+        done: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def handle(request: pb.ClassifyRequest) -> None:
+            name = request.model or PIPELINE_NAME
+            try:
+                with track(self.core.metrics, self.core.metric_label(name), "typed_stream"):
+                    entry, result = await self._classify(request, _deadline(context), per_item=True)
+                    response = classify_response(request, entry, result)
+            except FusionServeError as e:
+                response = pb.ClassifyResponse(request_id=request.request_id, error=_error(e))
+            except Exception as e:  # a bug: log it, answer in-band, keep the stream alive
+                logger.exception("bug while handling a stream request")
+                response = pb.ClassifyResponse(request_id=request.request_id, error=_error(e))
+            finally:
+                window.release()
+            await done.put(response)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(handle(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await done.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader  # surfaces a stream-level read failure
+        finally:
+            self._streams -= 1
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        """Image and/or text embeddings."""
+        name = request.model or PIPELINE_NAME
+        with track(self.core.metrics, self.core.metric_label(name), "typed_embed"):
+            entry, image_features, text_features = await self.core.embed(
+                name, request.model_version, list(request.images), list(request.texts), deadline=_deadline(context)
+            )
+            response = pb.EmbedResponse(model=entry.name, model_version=entry.version)
+            for features, target in ((image_features, response.image_embeddings),
+                                     (text_features, response.text_embeddings)):  # fmt: skip
+                if features is not None:
+                    target.extend(pb.Embedding(values=row.tolist()) for row in features)
+            return response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        """Every model version with its state and providers."""
+        return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.entries()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """One model version (latest when version is 0)."""
+        if not request.name:
+            raise InvalidInputError("GetModel needs a model name")
+        return model_info(self.core, self.core.find(request.name, request.version))
