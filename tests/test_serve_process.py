@@ -1,0 +1,101 @@
+"""`fusionserve serve` as a real process: start, serve, SIGTERM → drain → exit 0; settings precedence."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fusionserve.server.settings import ServerSettings
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+
+
+def start_server(repository: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "-1", *extra],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    deadline = time.time() + 60
+    lines = []
+    assert proc.stderr is not None
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(r"listening on .* \(port (\d+)\)", line):
+            return proc, int(m.group(1))
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+@pytest.mark.slow
+def test_sigterm_drains_and_exits_zero(repository, samples):
+    proc, port = start_server(repository, "--shutdown-grace-s", "5")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.FusionServiceStub(channel)
+        response = stub.Classify(pb.ClassifyRequest(items=[pb.Item(image=samples[0][0], text=samples[0][1])]))
+        assert response.results[0].label in ("match", "mismatch")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None
+        assert "shut down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_device_cuda_refuses_to_start_without_cuda(repository):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        try:
+            onnxruntime.InferenceSession(
+                str(repository / "fusion" / "1" / "model.onnx"), providers=["CUDAExecutionProvider"]
+            ).get_providers().index("CUDAExecutionProvider")
+            pytest.skip("this machine has a working CUDA provider")
+        except ValueError:
+            pass
+    result = subprocess.run(
+        [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository), "--port", "0",
+         "--metrics-port", "-1", "--device", "cuda"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "CUDA" in result.stderr
+
+
+def test_serve_without_a_repository_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fusionserve", "serve", "--repository", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr
+
+
+def test_settings_precedence_defaults_file_env_flags(tmp_path):
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"max_queue_delay_ms": 5, "port": 9000, "max_queue_size": 10}))
+    env = {"FUSIONSERVE_PORT": "9100", "FUSIONSERVE_MAX_QUEUE_SIZE": "20", "FUSIONSERVE_SERVICE_HOST": "ignored"}
+    settings = ServerSettings.load(config, env=env, overrides={"port": 9200, "device": None})
+    assert settings.max_queue_delay_ms == 5.0  # file over default
+    assert settings.max_queue_size == 20  # env over file
+    assert settings.port == 9200  # flag over env
+    assert settings.device == "auto"  # None flag leaves it alone
+    with pytest.raises(ValueError, match="unknown setting"):
+        ServerSettings.load(None, env={}, overrides={"nope": 1})
+    with pytest.raises(ValueError, match="device"):
+        ServerSettings.load(None, env={"FUSIONSERVE_DEVICE": "tpu"})

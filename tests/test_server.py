@@ -1,0 +1,365 @@
+"""The typed gRPC API against a real server on loopback with the small exported models."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from tests.serving import RunningServer
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return pb_grpc.FusionServiceStub(server.channel())
+
+
+def request(items, **kw) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(items=[pb.Item(image=i, text=t) for i, t in items], **kw)
+
+
+@pytest.fixture(scope="module")
+def keras_pipeline(trained_dir: Path):
+    """The Keras models on the same raw inputs: the reference the server must match."""
+    import keras
+
+    image_model = keras.models.load_model(trained_dir / "image_encoder.keras")
+    text_model = keras.models.load_model(trained_dir / "text_encoder.keras")
+    fusion_model = keras.models.load_model(trained_dir / "fusion.keras")
+    vocab = Vocabulary.load(trained_dir / "vocab.json")
+    size = image_model.inputs[0].shape[1]
+
+    def run(items):
+        images = np.stack([preprocess_image(decode_image(img), size, size) for img, _ in items])
+        tokens = vocab.encode([t for _, t in items])
+        fi, ft = np.asarray(image_model(images)), np.asarray(text_model(tokens))
+        return np.asarray(fusion_model([fi, ft])), fi, ft
+
+    return run
+
+
+def test_classify_matches_the_keras_pipeline_on_raw_inputs(stub, samples, keras_pipeline):
+    items = samples[:32]
+    response = stub.Classify(request(items, return_embeddings=True))
+    probs, fi, ft = keras_pipeline(items)
+    got = np.array([list(r.probabilities) for r in response.results])
+    assert got.shape == probs.shape
+    assert np.max(np.abs(got - probs)) <= 1e-4
+    assert np.max(np.abs(np.array([list(r.image_embedding) for r in response.results]) - fi)) <= 1e-4
+    assert np.max(np.abs(np.array([list(r.text_embedding) for r in response.results]) - ft)) <= 1e-4
+    assert [r.label for r in response.results] == [list(response.labels)[i] for i in probs.argmax(1)]
+    assert response.model == "multimodal" and response.model_version == 1
+
+
+def test_classify_accepts_jpeg_and_bmp_of_other_sizes(stub, samples):
+    import cv2
+
+    image = cv2.resize(decode_image(samples[0][0]), (150, 97))
+    for ext in (".jpg", ".bmp", ".png"):
+        ok, buf = cv2.imencode(ext, image)
+        assert ok
+        response = stub.Classify(request([(buf.tobytes(), samples[0][1])]))
+        assert len(response.results) == 1 and abs(sum(response.results[0].probabilities) - 1) < 1e-5
+
+
+def test_concurrent_unary_callers_each_get_their_own_answer(server, stub, samples):
+    expected = {i: list(stub.Classify(request([samples[i]])).results[0].probabilities) for i in range(64)}
+    before = server.server.core.find("image_encoder").batcher
+    batches_before, items_before = before.batches_run, before.items_run
+
+    def call(i: int):
+        return i, list(stub.Classify(request([samples[i % 64]])).results[0].probabilities)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(320)))
+    for i, probs in results:
+        assert np.allclose(probs, expected[i % 64], atol=1e-6), f"call {i} got another caller's answer"
+    batches = before.batches_run - batches_before
+    items = before.items_run - items_before
+    assert items == 320
+    assert batches < items, "no batching happened under 32 concurrent callers"
+
+
+def test_stream_of_10000_items_loses_duplicates_and_mixes_nothing(stub, samples):
+    reference = stub.Classify(request(samples[:64])).results
+    expected = np.array([list(r.probabilities) for r in reference])
+
+    def requests():
+        for n in range(1250):
+            idx = [(n * 8 + k) % 64 for k in range(8)]
+            yield request([samples[i] for i in idx], request_id=f"r{n}")
+
+    seen: dict[str, np.ndarray] = {}
+    for response in stub.ClassifyStream(requests(), timeout=300):
+        assert not response.HasField("error"), response.error
+        assert response.request_id not in seen, f"duplicate {response.request_id}"
+        seen[response.request_id] = np.array([list(r.probabilities) for r in response.results])
+    assert len(seen) == 1250
+    for rid, probs in seen.items():
+        n = int(rid[1:])
+        idx = [(n * 8 + k) % 64 for k in range(8)]
+        assert np.allclose(probs, expected[idx], atol=1e-6), f"request {rid} got mixed-up results"
+
+
+def test_stream_reports_bad_items_in_band_and_goes_on(stub, samples):
+    good = samples[0]
+    reqs = [
+        request([good, (b"not an image", "a red circle"), good], request_id="a"),
+        request([], request_id="b"),
+        request([good], request_id="c", model="nope"),
+        request([(good[0], "")], request_id="d"),
+        request([good], request_id="e"),
+    ]
+    responses = {r.request_id: r for r in stub.ClassifyStream(iter(reqs))}
+    assert set(responses) == {"a", "b", "c", "d", "e"}
+    a = responses["a"]
+    assert [r.HasField("error") for r in a.results] == [False, True, False]
+    assert a.results[1].error.code == "INVALID_ARGUMENT" and "does not decode" in a.results[1].error.message
+    assert a.results[0].label and a.results[2].label
+    assert responses["b"].error.code == "INVALID_ARGUMENT" and "empty batch" in responses["b"].error.message
+    assert responses["c"].error.code == "NOT_FOUND"
+    assert responses["d"].results[0].error.code == "INVALID_ARGUMENT"
+    assert not responses["e"].HasField("error") and responses["e"].results[0].label
+
+
+BAD_REQUESTS = {
+    "undecodable image": ([(b"\x89PNG garbage", "a red circle")], {}, grpc.StatusCode.INVALID_ARGUMENT, "does not decode"),
+    "empty image": ([(b"", "a red circle")], {}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    "empty text": ([("GOOD", "  ")], {}, grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    "over-long text": ([("GOOD", "x" * 10_001)], {}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit"),
+    "empty batch": ([], {}, grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+    "batch over max": ([("GOOD", "a red circle")] * 65, {}, grpc.StatusCode.INVALID_ARGUMENT, "over the maximum"),
+    "unknown model": ([("GOOD", "a")], {"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    "unknown version": ([("GOOD", "a")], {"model_version": 9}, grpc.StatusCode.NOT_FOUND, "no version 9"),
+    "path in model name": ([("GOOD", "a")], {"model": "../image_encoder"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    "tensor model": ([("GOOD", "a")], {"model": "fusion"}, grpc.StatusCode.INVALID_ARGUMENT, "tensor model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_bad_requests_get_the_right_status_and_message(stub, samples, case, mode):
+    items, kw, code, words = BAD_REQUESTS[case]
+    items = [(samples[0][0] if img == "GOOD" else img, text) for img, text in items]
+    if mode == "unary":
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request(items, **kw))
+        assert info.value.code() == code
+        assert words in info.value.details()
+    else:
+        (response,) = list(stub.ClassifyStream(iter([request(items, request_id="x", **kw)])))
+        errors = [response.error] if response.HasField("error") else [r.error for r in response.results if r.HasField("error")]
+        assert errors, "stream answered a bad request without an error"
+        assert errors[0].code == code.name and words in errors[0].message
+
+
+def test_decompression_bomb_is_refused_from_the_header(stub, samples):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(request([(bomb, "a red circle")]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "50000x50000 pixels" in info.value.details()
+
+
+def test_deadline_exceeded(stub, samples):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(request(samples[:64]), timeout=0.0005)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_embed_returns_image_and_text_embeddings(stub, samples, keras_pipeline):
+    items = samples[:5]
+    response = stub.Embed(pb.EmbedRequest(images=[i for i, _ in items], texts=[t for _, t in items[:3]]))
+    _, fi, ft = keras_pipeline(items)
+    assert len(response.image_embeddings) == 5 and len(response.text_embeddings) == 3
+    assert np.max(np.abs(np.array([list(e.values) for e in response.image_embeddings]) - fi)) <= 1e-4
+    assert np.max(np.abs(np.array([list(e.values) for e in response.text_embeddings]) - ft[:3])) <= 1e-4
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(pb.EmbedRequest())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_and_get_models_report_state_io_and_providers(stub):
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert set(models) == {"image_encoder", "text_encoder", "fusion", "multimodal"}
+    for m in models.values():
+        assert m.state == "READY" and m.execution_providers == ["CPUExecutionProvider"]
+    mm = stub.GetModel(pb.GetModelRequest(name="multimodal"))
+    assert [t.name for t in mm.inputs] == ["IMAGE", "TEXT"] and list(mm.labels) == ["mismatch", "match"]
+    assert sorted(mm.steps) == ["fusion:1", "image_encoder:1", "text_encoder:1"]
+    assert list(stub.GetModel(pb.GetModelRequest(name="text_encoder")).inputs[0].shape) == [-1, 100]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(pb.GetModelRequest(name="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_overall_and_per_model(server):
+    health = health_pb2_grpc.HealthStub(server.channel())
+    for service in ("", "multimodal", "image_encoder", "fusionserve.v1.FusionService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_services(server):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(server.channel())
+    services = database.get_services()
+    assert "fusionserve.v1.FusionService" in services and "grpc.health.v1.Health" in services
+    pool = DescriptorPool(database)
+    method = pool.FindServiceByName("fusionserve.v1.FusionService").FindMethodByName("ClassifyStream")
+    assert method.client_streaming and method.server_streaming
+
+
+def test_metrics_endpoint_exposes_the_serving_figures(server, stub, samples):
+    stub.Classify(request(samples[:3]))
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    for name in (
+        'fusionserve_requests_total{api="typed",code="OK",model="multimodal"}',
+        "fusionserve_request_latency_seconds_bucket",
+        'fusionserve_queue_time_seconds_count{model="image_encoder"}',
+        'fusionserve_compute_time_seconds_count{model="text_encoder"}',
+        'fusionserve_batch_size_bucket{le="1.0",model="fusion"}',
+        "fusionserve_inflight_requests",
+    ):
+        assert name in text, name
+
+
+def test_full_queue_answers_resource_exhausted(repository, samples):
+    with RunningServer(repository, max_queue_size=1, metrics_port=-1) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+
+        def call(i):
+            try:
+                stub.Classify(request(samples[:8]))
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(call, range(96)))
+        assert "RESOURCE_EXHAUSTED" in codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+
+def test_message_over_the_limit_is_refused(repository, samples):
+    with RunningServer(repository, max_message_bytes=10_000, metrics_port=-1) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request([(samples[0][0], "x" * 20_000)]))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_shutdown_drains_in_flight_work_and_refuses_new_calls(repository, samples):
+    srv = RunningServer(repository, metrics_port=-1)
+    channel = srv.channel()
+    stub = pb_grpc.FusionServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def long_stream():
+        for n in range(300):
+            yield request(samples[:8], request_id=str(n))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(lambda: list(stub.ClassifyStream(long_stream()))) for _ in range(2)]
+        unary = [pool.submit(stub.Classify, request(samples[:16])) for _ in range(2)]
+        import time
+
+        time.sleep(0.3)
+        stopping = pool.submit(srv.stop, 20.0)
+        time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request(samples[:1]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        stopping.result(60)
+        for f in in_flight:
+            # Every request of a stream is answered: served, or refused in-band with UNAVAILABLE
+            # once draining began (the client resends those elsewhere). None is lost.
+            responses = f.result()
+            assert sorted(int(r.request_id) for r in responses) == list(range(300))
+            codes = [r.error.code if r.HasField("error") else "OK" for r in responses]
+            assert set(codes) <= {"OK", "UNAVAILABLE"} and codes.count("OK") > 0
+        for f in unary:
+            assert len(f.result().results) == 16
+    with pytest.raises(grpc.RpcError):
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+
+
+def test_health_goes_not_serving_while_draining(repository):
+    srv = RunningServer(repository, metrics_port=-1)
+    health = health_pb2_grpc.HealthStub(srv.channel())
+    srv.call(srv.server._publish_health())
+    srv.server.core.begin_drain()
+    srv.call(srv.server._publish_health())
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    stub = pb_grpc.FusionServiceStub(srv.channel())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(request([(encode_png(np.zeros((8, 8, 3), np.uint8)), "a")]))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
+    srv.stop()
+
+
+def test_corrupted_model_fails_alone_and_its_pipeline_is_unavailable(repository, tmp_path, samples):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    onnx = repo / "image_encoder" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100] + b"\0" * 100)
+    with RunningServer(repo, metrics_port=-1) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        assert models["image_encoder"].state == "FAILED" and "model.onnx" in models["image_encoder"].reason
+        assert "sha256" in models["image_encoder"].reason
+        assert models["multimodal"].state == "FAILED"
+        assert models["text_encoder"].state == "READY" and models["fusion"].state == "READY"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request(samples[:1]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "FAILED" in info.value.details()
+        health = health_pb2_grpc.HealthStub(srv.channel())
+        status = health.Check(health_pb2.HealthCheckRequest(service="multimodal")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_missing_model_file_is_named_in_the_error(repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / "fusion" / "1" / "model.onnx").unlink()
+    with RunningServer(repo, metrics_port=-1) as srv:
+        entry = srv.server.core.find("fusion")
+        assert entry.state == "FAILED" and "fusion/1/model.onnx: model file is missing" in entry.reason
+
+
+def test_version_policy_all_serves_every_version(repository, tmp_path, samples):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    shutil.copytree(repo / "fusion" / "1", repo / "fusion" / "2")
+    config = json.loads((repo / "fusion" / "2" / "config.json").read_text())
+    config["version"] = 2
+    (repo / "fusion" / "2" / "config.json").write_text(json.dumps(config))
+    with RunningServer(repo, metrics_port=-1, model_version_policy={"fusion": "all"}) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        assert list(stub.GetModel(pb.GetModelRequest(name="fusion")).versions) == [1, 2]
+        assert stub.GetModel(pb.GetModelRequest(name="fusion", version=1)).version == 1
+    with RunningServer(repo, metrics_port=-1) as srv:  # default: latest only, plus what pipelines pin
+        assert srv.server.core.versions("fusion") == [1, 2]
+        assert srv.server.core.find("fusion").version == 2
