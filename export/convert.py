@@ -1,7 +1,6 @@
-"""Convert trained Keras models to ONNX with tf2onnx, gate and parity-check them, and write a
-model repository (imports TensorFlow).
+"""Convert Keras models to ONNX with tf2onnx, gate and parity-check them, write a model repository.
 
-Nothing is half-written: every model is converted and checked in a staging folder inside the
+Imports TensorFlow. Nothing is half-written: every model is converted and checked in a staging folder inside the
 repository first, and only then moved into place as the next version of each model.
 """
 
@@ -10,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -264,7 +262,7 @@ def export(
     except OSError as e:
         raise ExportError(f"cannot write to repository {str(repository)!r}: {e}") from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        pass
 
 
 def _export_into(

@@ -70,7 +70,9 @@ class FusionServer:
 
     def _add_extra_services(self, server: grpc.aio.Server) -> list[str]:
         """Front-ends beyond the typed API; returns their service names for reflection."""
-        return []
+        from fusionserve.server import v2_servicer
+
+        return [v2_servicer.add_to_server(self.core, server)]
 
     async def _publish_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from fusionserve.errors import (
-    FusionServeError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -103,7 +102,7 @@ class ServingCore:
             for version in versions:
                 self._load_config(repo, name, version, configs)
         # Pipelines pull in the exact step versions they were exported with.
-        for (name, version), config in list(configs.items()):
+        for config in list(configs.values()):
             if config.platform == PLATFORM_PIPELINE:
                 for step, step_version in config.steps.items():
                     if (step, step_version) not in configs and (step, step_version) not in self._entries:

@@ -95,6 +95,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """Wrap our handlers' behaviour so exceptions become status codes."""
         handler = await continuation(details)
         method = details.method
         if handler is None or not method.startswith(self._prefixes):

@@ -164,7 +164,9 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                     target.extend(pb.Embedding(values=row.tolist()) for row in features)
             return response
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         """Every model version with its state and providers."""
         return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.entries()])
 

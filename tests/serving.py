@@ -17,7 +17,8 @@ class RunningServer:
     """A started server; ``target`` is ``127.0.0.1:PORT``. Stop with :meth:`stop`."""
 
     def __init__(self, repository: Path, **settings: Any) -> None:
-        values = {"repository": repository, "host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}
+        values = {"repository": repository, "host": "127.0.0.1", "port": 0, "metrics_port": 0}
+        values["metrics_host"] = "127.0.0.1"
         values.update(settings)
         self.settings = ServerSettings().updated(values)
         self.loop = asyncio.new_event_loop()

@@ -133,7 +133,7 @@ def test_stream_reports_bad_items_in_band_and_goes_on(stub, samples):
 
 
 BAD_REQUESTS = {
-    "undecodable image": ([(b"\x89PNG garbage", "a red circle")], {}, grpc.StatusCode.INVALID_ARGUMENT, "does not decode"),
+    "undecodable image": ([(b"\x89PNG garbage", "a")], {}, grpc.StatusCode.INVALID_ARGUMENT, "does not decode"),
     "empty image": ([(b"", "a red circle")], {}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     "empty text": ([("GOOD", "  ")], {}, grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
     "over-long text": ([("GOOD", "x" * 10_001)], {}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit"),
@@ -141,7 +141,7 @@ BAD_REQUESTS = {
     "batch over max": ([("GOOD", "a red circle")] * 65, {}, grpc.StatusCode.INVALID_ARGUMENT, "over the maximum"),
     "unknown model": ([("GOOD", "a")], {"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
     "unknown version": ([("GOOD", "a")], {"model_version": 9}, grpc.StatusCode.NOT_FOUND, "no version 9"),
-    "path in model name": ([("GOOD", "a")], {"model": "../image_encoder"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    "path in model name": ([("GOOD", "a")], {"model": "../fusion"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
     "tensor model": ([("GOOD", "a")], {"model": "fusion"}, grpc.StatusCode.INVALID_ARGUMENT, "tensor model"),
 }
 
@@ -158,7 +158,9 @@ def test_bad_requests_get_the_right_status_and_message(stub, samples, case, mode
         assert words in info.value.details()
     else:
         (response,) = list(stub.ClassifyStream(iter([request(items, request_id="x", **kw)])))
-        errors = [response.error] if response.HasField("error") else [r.error for r in response.results if r.HasField("error")]
+        errors = [r.error for r in response.results if r.HasField("error")]
+        if response.HasField("error"):
+            errors = [response.error]
         assert errors, "stream answered a bad request without an error"
         assert errors[0].code == code.name and words in errors[0].message
 
@@ -312,7 +314,8 @@ def test_health_goes_not_serving_while_draining(repository):
     srv.call(srv.server._publish_health())
     srv.server.core.begin_drain()
     srv.call(srv.server._publish_health())
-    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     stub = pb_grpc.FusionServiceStub(srv.channel())
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(request([(encode_png(np.zeros((8, 8, 3), np.uint8)), "a")]))
