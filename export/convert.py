@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -262,7 +263,7 @@ def export(
     except OSError as e:
         raise ExportError(f"cannot write to repository {str(repository)!r}: {e}") from e
     finally:
-        pass
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _export_into(
