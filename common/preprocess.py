@@ -24,6 +24,15 @@ OOV_INDEX = 1
 OOV_TOKEN = "[UNK]"
 
 _FILTER_TABLE = str.maketrans({c: " " for c in KERAS_FILTERS})
+# The settings to_json() records; from_json() rejects a file that declares different ones.
+_CONVENTIONS = {
+    "pad_index": PAD_INDEX,
+    "oov_index": OOV_INDEX,
+    "filters": KERAS_FILTERS,
+    "lower": True,
+    "padding": "pre",
+    "truncating": "pre",
+}
 
 
 def text_to_word_sequence(text: str) -> list[str]:
@@ -98,8 +107,17 @@ class Vocabulary:
             max_length = int(data["max_length"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed vocabulary: {e!r}") from e
+        if max_length < 1 or max_words < 2:
+            raise ValueError(
+                f"vocabulary needs max_length >= 1 and max_words >= 2, has {max_length} and {max_words}"
+            )
         if word_index and (min(word_index.values()) < 2 or max(word_index.values()) >= max_words):
             raise ValueError(f"vocabulary indices must lie in [2, {max_words})")
+        # A file that declares other tokenisation settings would be encoded differently from how
+        # its model was trained: refuse it rather than skew silently.
+        for key, ours in _CONVENTIONS.items():
+            if key in data and data[key] != ours:
+                raise ValueError(f"vocabulary declares {key}={data[key]!r}; only {ours!r} is supported")
         return cls(word_index, max_words=max_words, max_length=max_length)
 
     def save(self, path: Path) -> None:
@@ -122,7 +140,13 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if not data:
         raise InvalidInputError("image is empty: send encoded PNG, JPEG or BMP bytes")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as e:
+        # OpenCV asserts (rather than returning None) on some headers, e.g. too many pixels.
+        raise InvalidInputError(
+            f"image does not decode ({len(data)} bytes): OpenCV rejects it ({e.err})"
+        ) from e
     if image is None:
         raise InvalidInputError(
             f"image does not decode ({len(data)} bytes): send encoded PNG, JPEG or BMP bytes"
