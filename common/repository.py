@@ -173,6 +173,10 @@ class ModelConfig:
         steps = {str(k): int(v) for k, v in dict(data.get("steps", {})).items()}
         if platform == PLATFORM_PIPELINE and not steps:
             raise RepositoryError(f"{where}: a pipeline needs steps")
+        # to_json() nests ``extra`` under its own key; unknown top-level keys are kept there too.
+        extra = data.get("extra", {})
+        if not isinstance(extra, Mapping):
+            raise RepositoryError(f"{where}: extra must be a JSON object")
         known = {f for f in cls.__dataclass_fields__}
         return cls(
             name=name,
@@ -190,7 +194,7 @@ class ModelConfig:
             vocabulary_file=data.get("vocabulary_file"),
             versions=dict(data.get("versions", {})),
             parity=dict(data.get("parity", {})),
-            extra={k: v for k, v in data.items() if k not in known},
+            extra={**extra, **{k: v for k, v in data.items() if k not in known}},
         )
 
 
