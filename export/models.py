@@ -23,8 +23,9 @@ def image_encoder(backbone: str = "small") -> keras.Model:
     size = BACKBONES[backbone]
     inputs = keras.Input((size, size, 3), name="image")
     if backbone == "small":
-        x = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-        x = layers.MaxPooling2D()(x)
+        # A strided first layer: a quarter of the compute of a full-resolution one, and the
+        # shapes (at least 10 px across) survive it.
+        x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs)
         x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D()(x)
         x = layers.Conv2D(48, 3, padding="same", activation="relu")(x)

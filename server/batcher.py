@@ -61,6 +61,8 @@ class DynamicBatcher:
         max_queue_delay_s: float = 0.002,
         max_queue_size: int = 1024,
         stats: BatchStats | None = None,
+        inline_below_s: float = 100e-6,
+        inline_idle_below_s: float = 500e-6,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -80,6 +82,11 @@ class DynamicBatcher:
         self._running = False
         self.batches_run = 0
         self.items_run = 0
+        # Models whose runs take less than this (moving average) run on the event loop itself:
+        # an executor hop would cost more than the run.
+        self.inline_below_s = inline_below_s
+        self.inline_idle_below_s = inline_idle_below_s
+        self._avg_compute_s: float | None = None
 
     @property
     def queued_items(self) -> int:
@@ -154,6 +161,11 @@ class DynamicBatcher:
             rows += work.size
         return rows
 
+    def _timed_run(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        started = time.perf_counter()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter() - started
+
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
@@ -203,8 +215,16 @@ class DynamicBatcher:
             merged = {n: np.concatenate([w.inputs[n] for w in live], axis=0) for n in names}
         rows = sum(w.size for w in live)
         self._running = True
+        # Inline when the run is cheaper than a thread hop, or when a lone caller is waiting on a
+        # short run (nothing else needs the loop then).
+        avg = self._avg_compute_s
+        lone = len(live) == 1 and not self._queue and not self._busy
+        inline = avg is not None and (avg < self.inline_below_s or (lone and avg < self.inline_idle_below_s))
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, merged)
+            if inline:
+                outputs, run_s = self._timed_run(merged)
+            else:
+                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, merged)
         except Exception as e:  # fan the failure out to every waiter
             logger.exception("model %r failed on a batch of %d", self.name, rows)
             for work in live:
@@ -214,6 +234,7 @@ class DynamicBatcher:
         finally:
             self._running = False
         compute_s = time.perf_counter() - started
+        self._avg_compute_s = run_s if self._avg_compute_s is None else 0.8 * self._avg_compute_s + 0.2 * run_s
         if any(len(v) != rows for v in outputs.values()):
             error = RuntimeError(
                 f"model {self.name!r} returned {({k: len(v) for k, v in outputs.items()})} rows for a batch of {rows}"

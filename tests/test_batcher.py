@@ -134,3 +134,29 @@ async def test_closed_batcher_refuses_and_fails_queued_work():
     with pytest.raises(ModelNotReadyError):
         await b.submit({"x": np.zeros((1, 1))})
     running.cancel()
+
+
+async def test_tiny_models_run_on_the_loop_and_slow_ones_in_the_executor():
+    import concurrent.futures
+
+    threads: list[str] = []
+
+    def tiny(inputs):
+        threads.append(threading.current_thread().name)
+        return {"y": inputs["x"]}
+
+    def slow(inputs):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.002)
+        return {"y": inputs["x"]}
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
+        for run, expected in ((tiny, threading.current_thread().name), (slow, "pool_0")):
+            threads.clear()
+            b = DynamicBatcher("m", run, pool, max_batch_size=4)
+            await b.start()
+            for _ in range(3):
+                await b.submit({"x": np.zeros((1, 1))})
+            assert threads[0] == "pool_0"  # the first run is measured in the executor
+            assert threads[-1] == expected
+            await b.aclose()

@@ -1,0 +1,178 @@
+"""Serving overhead and dynamic batching, measured side by side in one run.
+
+Compares the raw in-process ``multimodal`` pipeline (same preprocessing and onnxruntime sessions, no
+gRPC, no batcher) with the server: typed unary and stream (and the V2 API when available), at
+concurrency 1 and under load, and dynamic batching on vs off with 32 one-item callers.
+
+    python bench/overhead.py [--repository REPO] [--duration 5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from _common import ServerProcess, machine, percentiles, repository, samples, write
+from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
+from fusionserve.repository import load_config, version_dir
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+
+
+class RawPipeline:
+    """The multimodal pipeline with no server: what the server's overhead is measured against."""
+
+    def __init__(self, repo: Path) -> None:
+        pipeline = load_config(repo, "multimodal", max(int(p.name) for p in (repo / "multimodal").iterdir()))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # the server's default; see docs/BENCHMARKS.md
+        options.inter_op_num_threads = 1
+        self.sessions = {}
+        for step, version in pipeline.steps.items():
+            config = load_config(repo, step, version)
+            path = version_dir(repo, step, version) / str(config.model_file)
+            self.sessions[step] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.vocab = Vocabulary.load(version_dir(repo, "multimodal", pipeline.version) / "vocab.json")
+        image_input = self.sessions["image_encoder"].get_inputs()[0].shape
+        self.size = (int(image_input[1]), int(image_input[2]))
+
+    def run(self, items: list[tuple[bytes, str]]) -> np.ndarray:
+        images = np.stack([preprocess_image(decode_image(img), *self.size) for img, _ in items])
+        tokens = self.vocab.encode([t for _, t in items])
+        fi = self.sessions["image_encoder"].run(None, {"image": images})[0]
+        ft = self.sessions["text_encoder"].run(None, {"tokens": tokens})[0]
+        return self.sessions["fusion"].run(None, {"image_features": fi, "text_features": ft})[0]
+
+
+def bench_raw(raw: RawPipeline, items: list, batch: int, duration_s: float) -> dict[str, Any]:
+    latencies, n_items, i = [], 0, 0
+    end = time.perf_counter() + duration_s
+    started = time.perf_counter()
+    while time.perf_counter() < end:
+        chunk = [items[(i + k) % len(items)] for k in range(batch)]
+        t = time.perf_counter()
+        raw.run(chunk)
+        latencies.append(time.perf_counter() - t)
+        n_items += batch
+        i += batch
+    elapsed = time.perf_counter() - started
+    return {"items_per_s": n_items / elapsed, "requests_per_s": len(latencies) / elapsed, **percentiles(latencies)}
+
+
+def _request(items: list, start: int, batch: int, rid: str = "") -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(
+        items=[pb.Item(image=items[(start + k) % len(items)][0], text=items[(start + k) % len(items)][1])
+               for k in range(batch)],
+        request_id=rid,
+    )  # fmt: skip
+
+
+async def bench_unary(target: str, items: list, concurrency: int, batch: int, duration_s: float) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.FusionServiceStub(channel)
+        await stub.Classify(_request(items, 0, batch))  # connect + warm
+        latencies: list[float] = []
+        errors = 0
+        end = time.perf_counter() + duration_s
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w * 997
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    await stub.Classify(_request(items, i, batch), timeout=30)
+                    latencies.append(time.perf_counter() - t)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                i += batch
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
+            "errors": errors, **percentiles(latencies)}  # fmt: skip
+
+
+async def bench_stream(target: str, items: list, window: int, batch: int, duration_s: float) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.FusionServiceStub(channel)
+        await stub.Classify(_request(items, 0, batch))
+        slots = asyncio.Semaphore(window)
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+        end = time.perf_counter() + duration_s
+
+        async def requests():
+            n = 0
+            while time.perf_counter() < end:
+                await slots.acquire()
+                rid = str(n)
+                sent[rid] = time.perf_counter()
+                yield _request(items, n * batch, batch, rid)
+                n += 1
+
+        started = time.perf_counter()
+        errors = 0
+        async for response in stub.ClassifyStream(requests()):
+            latencies.append(time.perf_counter() - sent.pop(response.request_id))
+            errors += response.HasField("error")
+            slots.release()
+        elapsed = time.perf_counter() - started
+    return {"items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
+            "errors": errors, **percentiles(latencies)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--batch", type=int, default=32, help="items per request for throughput runs")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI (no claims)")
+    args = parser.parse_args()
+    duration = 0.5 if args.smoke else args.duration
+    repo = repository(args.repository)
+    items = samples(512)
+    raw = RawPipeline(repo)
+    raw.run(items[:4])
+    results: dict[str, Any] = {"machine": machine(), "settings": {"duration_s": duration, "batch": args.batch}}
+    r = results["runs"] = {}
+    r["raw_c1_b1"] = bench_raw(raw, items, 1, duration)
+    r[f"raw_b{args.batch}"] = bench_raw(raw, items, args.batch, duration)
+    with ServerProcess(repo) as server:
+        results["server_rss_mb"] = server.rss_mb()
+        r["typed_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration))
+        r[f"typed_unary_c4_b{args.batch}"] = asyncio.run(bench_unary(server.target, items, 4, args.batch, duration))
+        r[f"typed_stream_w4_b{args.batch}"] = asyncio.run(bench_stream(server.target, items, 4, args.batch, duration))
+        r["typed_unary_c32_b1_batching_on"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
+        results["server_rss_mb_after_load"] = server.rss_mb()
+    with ServerProcess(repo, "--max-batch-size", "1") as server:
+        r["typed_unary_c32_b1_batching_off"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
+    raw_tp = r[f"raw_b{args.batch}"]["items_per_s"]
+    ratios = results["ratios"] = {
+        "stream_vs_raw_throughput": r[f"typed_stream_w4_b{args.batch}"]["items_per_s"] / raw_tp,
+        "unary_c4_vs_raw_throughput": r[f"typed_unary_c4_b{args.batch}"]["items_per_s"] / raw_tp,
+        "unary_c1_p50_added_ms": r["typed_unary_c1_b1"]["p50_ms"] - r["raw_c1_b1"]["p50_ms"],
+        "batching_on_vs_off_c32": r["typed_unary_c32_b1_batching_on"]["items_per_s"]
+        / r["typed_unary_c32_b1_batching_off"]["items_per_s"],
+    }
+    print(f"{'run':<34}{'items/s':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, v in r.items():
+        print(f"{name:<34}{v['items_per_s']:>10.0f}{v['requests_per_s']:>10.0f}{v['p50_ms']:>9.2f}"
+              f"{v['p99_ms']:>9.2f}{v.get('errors', 0):>8}")  # fmt: skip
+    print()
+    for name, v in ratios.items():
+        print(f"{name:<34}{v:>10.2f}")
+    print(f"{'server RSS after load (MB)':<34}{results['server_rss_mb_after_load']:>10.0f}")
+    print("wrote", write("overhead-smoke" if args.smoke else "overhead", results))
+
+
+if __name__ == "__main__":
+    main()
