@@ -1,0 +1,350 @@
+"""Preprocessing equals its references: Keras 2's text utilities and the seed's OpenCV image path."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# Keras 2's text utilities (the dev extra's tf-keras) are the reference; Keras 3 dropped them.
+from tf_keras.preprocessing import sequence as keras_sequence
+from tf_keras.preprocessing import text as keras_text
+
+from fusionserve.errors import InvalidInputError
+from fusionserve.preprocess import (
+    KERAS_FILTERS,
+    OOV_INDEX,
+    Vocabulary,
+    decode_image,
+    encode_png,
+    pad_tokens,
+    preprocess_image,
+    text_to_word_sequence,
+)
+
+MAX_LENGTH = 100
+CORPUS = [
+    "a photo of a red circle",
+    "a blue square",
+    "the star is yellow",
+    "Straße und Maße, große Straße",
+    "İstanbul ıslak IŞIK",
+    "日本語 テキスト 日本語",
+    "café crème brûlée café",
+    "emoji 🎉 party 🎉🎉 party",
+]
+LONG = " ".join(f"w{i}" for i in range(250))
+TEXTS = [
+    "",
+    "   ",
+    "!!!",
+    KERAS_FILTERS,
+    "...,;:!?",
+    "a photo of a red circle",
+    "A PHOTO of a Red CIRCLE",
+    "Look: a red star, drawn small.",
+    "tabs\tand\nnewlines\r\nand\x0bvertical\x0cfeeds",
+    "repeated    spaces   between  words ",
+    "Straße ß STRASSE",
+    "İstanbul ıslak IŞIK İİ",
+    "日本語のテキスト 日本語 テキスト",
+    "café crème brûlée Ça",
+    "emoji 🎉 party🎉 🎉🎉",
+    "e\u0301 combining accent and \u00a0no-break\u2003em space",
+    "hyphen-ated under_score sl/ash back\\slash 'quote' \"double\"",
+    "[UNK] <OOV> unk",
+    LONG,
+    LONG + " tail words at the end",
+    " ".join(["circle"] * 101),
+    " ".join(["red"] * 100),
+    " ".join(["red"] * 99),
+]
+
+
+def keras_reference(texts: list[str], word_index: dict[str, int]) -> np.ndarray:
+    """What a Keras 2 pipeline feeds the model: text_to_word_sequence → ids → pad_sequences."""
+    seqs = [[word_index.get(w, OOV_INDEX) for w in keras_text.text_to_word_sequence(t)] for t in texts]
+    return keras_sequence.pad_sequences(seqs, maxlen=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.fit(CORPUS + TEXTS, max_words=10_000, max_length=MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=[repr(t[:24]) for t in TEXTS])
+def test_words_match_keras(text: str) -> None:
+    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=[repr(t[:24]) for t in TEXTS])
+def test_encode_matches_keras_pad_sequences(text: str, vocab: Vocabulary) -> None:
+    ours = vocab.encode([text])
+    ref = keras_reference([text], vocab.word_index)
+    assert ours.dtype == np.int32 and ref.dtype == np.int32
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_encode_batch_matches_keras(vocab: Vocabulary) -> None:
+    np.testing.assert_array_equal(vocab.encode(TEXTS), keras_reference(TEXTS, vocab.word_index))
+
+
+def test_truncation_keeps_the_last_words(vocab: Vocabulary) -> None:
+    text = LONG + " tail words at the end"
+    row = vocab.encode([text])[0]
+    words = text_to_word_sequence(text)
+    assert len(words) > MAX_LENGTH
+    assert row.tolist() == [vocab.word_index[w] for w in words[-MAX_LENGTH:]]
+    # Short texts are padded at the front.
+    short = vocab.encode(["a red circle"])[0]
+    assert short[:-3].tolist() == [0] * (MAX_LENGTH - 3)
+    assert short[-3:].tolist() == [vocab.word_index[w] for w in ("a", "red", "circle")]
+
+
+def test_unknown_words_map_to_oov(vocab: Vocabulary) -> None:
+    row = vocab.encode(["zzz-unseen red qqq"])[0]
+    assert row[-4:].tolist() == [OOV_INDEX, OOV_INDEX, vocab.word_index["red"], OOV_INDEX]
+
+
+def test_pad_tokens_shapes() -> None:
+    out = pad_tokens([[], [5], list(range(2, 9))], 4)
+    assert out.dtype == np.int32
+    assert out.tolist() == [[0, 0, 0, 0], [0, 0, 0, 5], [5, 6, 7, 8]]
+
+
+# Characters that exercise the filters, whitespace, case folding and non-ASCII words.
+_alphabet = st.sampled_from(
+    list("abcxyzABCXYZ0123 ") + list(KERAS_FILTERS) + list("\r\x0b\x0c\u00a0\u2003ßİıŞçé日本🎉\u0301")
+)
+_words = st.sampled_from(["red", "Red", "circle", "star!", "straße", "İz", "日本", "🎉", "", " "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(_alphabet, max_size=40), _words), max_size=160).map(" ".join))
+def test_encode_matches_keras_property(text: str) -> None:
+    vocab = Vocabulary.fit(CORPUS + [text[: len(text) // 2]], max_length=MAX_LENGTH)
+    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
+    np.testing.assert_array_equal(vocab.encode([text]), keras_reference([text], vocab.word_index))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_words_match_keras_on_any_unicode(text: str) -> None:
+    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
+
+
+# ------------------------------------------------------------------------------ vocabulary fit
+
+
+def _tokenizer(texts: list[str], num_words: int):
+    tokenizer = keras_text.Tokenizer(num_words=num_words, oov_token="[UNK]")
+    tokenizer.fit_on_texts(texts)
+    return tokenizer
+
+
+@pytest.mark.parametrize("num_words", [3, 5, 8, 10_000])
+def test_fit_agrees_with_keras_tokenizer(num_words: int) -> None:
+    # Many ties in the counts, and a cut-off (num_words) that falls among them.
+    texts = CORPUS + ["b a c", "c b a d", "d d e e f f", "g", "a"]
+    ours = Vocabulary.fit(texts, max_words=num_words, max_length=MAX_LENGTH)
+    tokenizer = _tokenizer(texts, num_words)
+    assert tokenizer.word_index["[UNK]"] == OOV_INDEX
+    expected = {w: i for w, i in tokenizer.word_index.items() if 2 <= i < num_words}
+    assert ours.word_index == expected
+    probe = [*texts, "unseen words and a b c", LONG]
+    ref = keras_sequence.pad_sequences(tokenizer.texts_to_sequences(probe), maxlen=MAX_LENGTH)
+    np.testing.assert_array_equal(ours.encode(probe), ref)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from("a b c d e f g h Ω ß 日".split()), max_size=12).map(" ".join), max_size=12),
+    st.integers(2, 12),
+)
+def test_fit_agrees_with_keras_tokenizer_property(texts: list[str], num_words: int) -> None:
+    # Both sort by count with a stable sort, so ties keep first-appearance order in both.
+    ours = Vocabulary.fit(texts, max_words=num_words, max_length=MAX_LENGTH)
+    tokenizer = _tokenizer(texts, num_words)
+    assert ours.word_index == {w: i for w, i in tokenizer.word_index.items() if 2 <= i < num_words}
+
+
+def test_fit_orders_by_frequency_then_first_appearance() -> None:
+    vocab = Vocabulary.fit(["b a", "a c c", "d"], max_words=10)
+    assert vocab.word_index == {"a": 2, "c": 3, "b": 4, "d": 5}
+    assert Vocabulary.fit(["b a", "a c c", "d"], max_words=4).word_index == {"a": 2, "c": 3}
+
+
+# ---------------------------------------------------------------------------- vocabulary JSON
+
+
+def test_vocabulary_json_round_trip(tmp_path: Path, vocab: Vocabulary) -> None:
+    path = tmp_path / "vocab.json"
+    vocab.save(path)
+    loaded = Vocabulary.load(path)
+    assert loaded == vocab
+    assert "straße" in loaded.word_index and "日本語" in loaded.word_index
+    np.testing.assert_array_equal(loaded.encode(TEXTS), vocab.encode(TEXTS))
+    # Non-ASCII words are stored as themselves, not \u escapes.
+    assert "straße" in path.read_text(encoding="utf-8")
+
+
+def _valid() -> dict:
+    return Vocabulary({"red": 2, "circle": 3}, max_words=10, max_length=5).to_json()
+
+
+MALFORMED = {
+    "not an object": [1, 2, 3],
+    "no word_index": {k: v for k, v in _valid().items() if k != "word_index"},
+    "no max_words": {k: v for k, v in _valid().items() if k != "max_words"},
+    "word_index is a list": {**_valid(), "word_index": ["red", "circle"]},
+    "index not a number": {**_valid(), "word_index": {"red": "two"}},
+    "index on padding": {**_valid(), "word_index": {"red": 0}},
+    "index on oov": {**_valid(), "word_index": {"red": 1}},
+    "index beyond max_words": {**_valid(), "word_index": {"red": 10}},
+    "max_length zero": {**_valid(), "max_length": 0},
+    "max_length negative": {**_valid(), "max_length": -3},
+    "padding post": {**_valid(), "padding": "post"},
+    "truncating post": {**_valid(), "truncating": "post"},
+    "not lower-cased": {**_valid(), "lower": False},
+    "other filters": {**_valid(), "filters": "!"},
+    "oov index 2": {**_valid(), "oov_index": 2},
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_vocabulary_raises(data) -> None:
+    with pytest.raises(ValueError, match=r"\S"):
+        Vocabulary.from_json(data)
+
+
+def test_valid_minimal_vocabulary_loads() -> None:
+    data = {"word_index": {"red": 2}, "max_words": 10, "max_length": 5}
+    assert Vocabulary.from_json(data).encode(["red blue"]).tolist() == [[0, 0, 0, 2, 1]]
+    assert Vocabulary.from_json(_valid()) == Vocabulary({"red": 2, "circle": 3}, max_words=10, max_length=5)
+
+
+def test_vocabulary_file_not_json_raises(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.json"
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError):
+        Vocabulary.load(path)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def _picture(height: int, width: int, channels: int | None, seed: int, dtype=np.uint8) -> np.ndarray:
+    """Noise over gradients: resizing it exercises interpolation everywhere."""
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    shape = (height, width) if channels is None else (height, width, channels)
+    ramp = np.linspace(0, top, width)[None, :] * np.linspace(0.2, 1, height)[:, None]
+    if channels is not None:
+        ramp = ramp[..., None] * np.linspace(1, 0.3, channels)
+    noise = rng.normal(0, top / 8, shape)
+    return np.clip(ramp + noise, 0, top).astype(dtype)
+
+
+def seed_preprocess(path: Path, height: int, width: int) -> np.ndarray:
+    """The seed project's preprocessing, verbatim."""
+    return cv2.resize(cv2.imread(str(path)), (width, height), interpolation=cv2.INTER_LINEAR).astype("float32") / 255.0
+
+
+SIZES = [(1, 1), (17, 23), (32, 32), (64, 64), (48, 80), (150, 200), (64, 300), (480, 640)]
+TARGETS = [(64, 64), (48, 80)]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"to{t[0]}x{t[1]}")
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp"])
+def test_image_matches_seed_preprocessing(tmp_path: Path, ext: str, size, target) -> None:
+    path = tmp_path / f"picture{ext}"
+    assert cv2.imwrite(str(path), _picture(*size, 3, seed=size[0] * 1000 + size[1]))
+    ours = preprocess_image(decode_image(path.read_bytes()), *target)
+    ref = seed_preprocess(path, *target)
+    assert ours.shape == (*target, 3) and ours.dtype == np.float32
+    assert ref.dtype == np.float32
+    assert np.array_equal(ours, ref)
+
+
+VARIANTS = {
+    "grayscale png": (".png", lambda: _picture(40, 70, None, 1)),
+    "grayscale jpeg": (".jpg", lambda: _picture(90, 50, None, 2)),
+    "bgra png": (".png", lambda: _picture(50, 90, 4, 3)),
+    "bgra png, exact size": (".png", lambda: _picture(64, 64, 4, 4)),
+    "16-bit png": (".png", lambda: _picture(70, 40, 3, 5, np.uint16)),
+    "16-bit grayscale png": (".png", lambda: _picture(64, 64, None, 6, np.uint16)),
+}
+
+
+@pytest.mark.parametrize("ext, make", VARIANTS.values(), ids=VARIANTS.keys())
+def test_image_variants_match_seed_preprocessing(tmp_path: Path, ext: str, make) -> None:
+    path = tmp_path / f"picture{ext}"
+    assert cv2.imwrite(str(path), make())
+    decoded = decode_image(path.read_bytes())
+    assert decoded.dtype == np.uint8 and decoded.ndim == 3 and decoded.shape[2] == 3
+    for target in TARGETS:
+        assert np.array_equal(preprocess_image(decoded, *target), seed_preprocess(path, *target))
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+def test_alpha_is_dropped_not_composited(tmp_path: Path) -> None:
+    bgra = _picture(64, 64, 4, 7)
+    bgra[..., 3] = 0  # fully transparent: the colour channels must still come through
+    decoded = decode_image(_png_bytes(bgra))
+    assert np.array_equal(decoded, bgra[..., :3])
+
+
+def test_encode_png_round_trips() -> None:
+    image = _picture(33, 65, 3, 8)
+    assert np.array_equal(decode_image(encode_png(image)), image)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A well-formed PNG signature and IHDR declaring the given size, with almost no pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
+UNDECODABLE = {
+    "empty": b"",
+    "text": b"this is not an image",
+    "one byte": b"\x00",
+    "png signature only": b"\x89PNG\r\n\x1a\n",
+    "truncated png": None,  # filled in below from a real PNG
+    "jpeg marker only": b"\xff\xd8\xff",
+    "bmp header only": b"BM" + b"\0" * 60,
+    "png missing pixel data": _png_header_only(4, 4),
+    # OpenCV asserts on this header instead of returning None; it must still be an input error.
+    "png claiming 60000x60000": _png_header_only(60_000, 60_000),
+    "json": json.dumps({"image": "x"}).encode(),
+}
+
+
+@pytest.mark.parametrize("name", UNDECODABLE.keys())
+def test_undecodable_bytes_raise_invalid_input(name: str) -> None:
+    data = UNDECODABLE[name]
+    if data is None:
+        data = encode_png(_picture(32, 32, 3, 9))[:40]
+    with pytest.raises(InvalidInputError, match="image") as info:
+        decode_image(data)
+    assert str(info.value).strip()
