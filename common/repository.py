@@ -170,7 +170,14 @@ class ModelConfig:
             raise RepositoryError(f"{where}: an onnxruntime model needs model_file")
         if model_file is not None and Path(str(model_file)).name != model_file:
             raise RepositoryError(f"{where}: model_file must be a plain file name, got {model_file!r}")
-        steps = {str(k): int(v) for k, v in dict(data.get("steps", {})).items()}
+        try:
+            steps = {str(k): int(v) for k, v in dict(data.get("steps", {})).items()}
+            preprocessing = dict(data.get("preprocessing", {}))
+            labels = tuple(str(x) for x in data.get("labels", ()))
+            versions = dict(data.get("versions", {}))
+            parity = dict(data.get("parity", {}))
+        except (TypeError, ValueError) as e:
+            raise RepositoryError(f"{where}: malformed steps, preprocessing, labels, versions or parity ({e!r})") from e
         if platform == PLATFORM_PIPELINE and not steps:
             raise RepositoryError(f"{where}: a pipeline needs steps")
         # to_json() nests ``extra`` under its own key; unknown top-level keys are kept there too.
@@ -189,11 +196,11 @@ class ModelConfig:
             sha256=data.get("sha256"),
             opset=data.get("opset"),
             steps=steps,
-            preprocessing=dict(data.get("preprocessing", {})),
-            labels=tuple(str(x) for x in data.get("labels", ())),
+            preprocessing=preprocessing,
+            labels=labels,
             vocabulary_file=data.get("vocabulary_file"),
-            versions=dict(data.get("versions", {})),
-            parity=dict(data.get("parity", {})),
+            versions=versions,
+            parity=parity,
             extra={**extra, **{k: v for k, v in data.items() if k not in known}},
         )
 
