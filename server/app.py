@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
 from fusionserve.server.core import READY, ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
@@ -42,10 +43,16 @@ class FusionServer:
 
     async def start(self) -> None:
         """Load and warm up the models, then bind and start serving."""
+        credentials = server_credentials(self.settings)  # fail on bad TLS files before loading models
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.auth_token_file:
+            tokens = load_tokens(self.settings.auth_token_file)
+            interceptors.append(TokenAuthInterceptor(tokens, exempt_health=self.settings.auth_exempt_health))
+        interceptors.append(ErrorInterceptor())
         await self.core.start()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -58,7 +65,10 @@ class FusionServer:
         services += self._add_extra_services(server)
         reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = server.add_insecure_port(address)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if not self.port:
             raise OSError(f"cannot bind gRPC to {address}")
         await server.start()

@@ -23,6 +23,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "shutdown_grace_s": args.shutdown_grace_s,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "auth_token_file": args.auth_token_file,
     }
     settings = ServerSettings.load(args.config, overrides=overrides)
     logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
@@ -40,5 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
     p.add_argument("--max-queue-delay-ms", type=float, help="batch wait once busy (default 2)")
     p.add_argument("--shutdown-grace-s", type=float, help="drain time on SIGTERM (default 10)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS only")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates (mutual TLS)")
+    p.add_argument("--auth-token-file", type=Path, help="accepted bearer tokens, one per line")
     p.add_argument("--config", type=Path, help="JSON file with any ServerSettings field")
     p.set_defaults(func=cmd_serve)

@@ -63,6 +63,16 @@ class ServerSettings:
     """Open streams at once; more get RESOURCE_EXHAUSTED."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM: how long in-flight calls may take to finish."""
+    tls_cert: Path | None = None
+    """PEM server certificate (chain); with ``tls_key`` the server speaks TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """File of accepted bearer tokens, one per line; when set, calls need ``authorization: Bearer …``."""
+    auth_exempt_health: bool = True
+    """Leave the health service open without a token (for load balancer and Kubernetes probes)."""
     warmup: bool = True
     """Run one inference per model before marking it ready."""
     log_level: str = "INFO"
@@ -125,6 +135,10 @@ class ServerSettings:
                      "max_text_chars", "max_stream_inflight", "max_concurrent_streams", "preprocess_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")  # fmt: skip
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.max_batch_size < 0 or self.max_queue_delay_ms < 0 or self.shutdown_grace_s < 0:
             raise ValueError("max_batch_size, max_queue_delay_ms and shutdown_grace_s must be >= 0")
 
@@ -142,12 +156,12 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
-        if kind == "Path":
-            return Path(value)
+        if kind in ("Path", "Path | None"):
+            return Path(value) if value else None
         if kind.startswith(("dict", "Any")) and value[:1] in "[{":
             return json.loads(value)
         return value
-    if kind == "Path":
+    if kind in ("Path", "Path | None"):
         return Path(value)
     if kind == "float" and isinstance(value, int):
         return float(value)

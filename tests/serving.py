@@ -25,7 +25,12 @@ class RunningServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
         self._thread.start()
         self.server = FusionServer(self.settings)
-        self.call(self.server.start(), timeout=120)
+        try:
+            self.call(self.server.start(), timeout=120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            raise
         self.target = f"127.0.0.1:{self.server.port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 

@@ -1,0 +1,101 @@
+"""TLS, mutual TLS and bearer tokens against a real server; certificates made at test time."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from tests.serving import RunningServer
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "1", "-subj", "/CN=fusionserve test CA", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=d)  # fmt: skip
+    return d
+
+
+def _classify(channel: grpc.Channel, samples, metadata=None):
+    stub = pb_grpc.FusionServiceStub(channel)
+    item = pb.Item(image=samples[0][0], text=samples[0][1])
+    return stub.Classify(pb.ClassifyRequest(items=[item]), metadata=metadata, timeout=10)
+
+
+def test_tls_serves_encrypted_and_refuses_plaintext(repository, pki, samples):
+    with RunningServer(repository, metrics_port=-1, tls_cert=pki / "server.pem", tls_key=pki / "server.key") as srv:
+        creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+        with grpc.secure_channel(srv.target, creds) as channel:
+            assert _classify(channel, samples).results[0].label
+        with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as info:
+            _classify(channel, samples)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate(repository, pki, samples):
+    with RunningServer(
+        repository, metrics_port=-1, tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
+    ) as srv:
+        ca = (pki / "ca.pem").read_bytes()
+        with_cert = grpc.ssl_channel_credentials(ca, (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes())
+        with grpc.secure_channel(srv.target, with_cert) as channel:
+            assert _classify(channel, samples).results[0].label
+        with grpc.secure_channel(srv.target, grpc.ssl_channel_credentials(ca)) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                _classify(channel, samples)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_tokens_gate_every_api_but_health(repository, tmp_path, samples):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# accepted tokens\nalpha-token\n\nbeta-token\n")
+    with RunningServer(repository, metrics_port=-1, auth_token_file=tokens) as srv, grpc.insecure_channel(srv.target) as ch:
+        for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "alpha-token"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                _classify(ch, samples, metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for token in ("alpha-token", "beta-token"):
+            assert _classify(ch, samples, (("authorization", f"Bearer {token}"),)).results[0].label
+        stream = pb_grpc.FusionServiceStub(ch).ClassifyStream(iter([pb.ClassifyRequest(request_id="1")]))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_can_be_closed_too(repository, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t\n")
+    with RunningServer(repository, metrics_port=-1, auth_token_file=tokens, auth_exempt_health=False) as srv:
+        with grpc.insecure_channel(srv.target) as ch, pytest.raises(grpc.RpcError) as info:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_bad_security_settings_are_clear_errors(repository, tmp_path):
+    from fusionserve.server.settings import ServerSettings
+
+    with pytest.raises(ValueError, match="go together"):
+        ServerSettings.load(None, env={}, overrides={"tls_cert": tmp_path / "c.pem"})
+    empty = tmp_path / "empty"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        RunningServer(repository, metrics_port=-1, auth_token_file=empty)
