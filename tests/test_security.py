@@ -50,11 +50,11 @@ def test_tls_serves_encrypted_and_refuses_plaintext(repository, pki, samples):
 
 
 def test_mutual_tls_requires_a_client_certificate(repository, pki, samples):
-    with RunningServer(
-        repository, metrics_port=-1, tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
-    ) as srv:
+    tls = {"tls_cert": pki / "server.pem", "tls_key": pki / "server.key", "tls_client_ca": pki / "ca.pem"}
+    with RunningServer(repository, metrics_port=-1, **tls) as srv:
         ca = (pki / "ca.pem").read_bytes()
-        with_cert = grpc.ssl_channel_credentials(ca, (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes())
+        key, cert = (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes()
+        with_cert = grpc.ssl_channel_credentials(ca, key, cert)
         with grpc.secure_channel(srv.target, with_cert) as channel:
             assert _classify(channel, samples).results[0].label
         with grpc.secure_channel(srv.target, grpc.ssl_channel_credentials(ca)) as channel:
@@ -66,7 +66,8 @@ def test_mutual_tls_requires_a_client_certificate(repository, pki, samples):
 def test_bearer_tokens_gate_every_api_but_health(repository, tmp_path, samples):
     tokens = tmp_path / "tokens"
     tokens.write_text("# accepted tokens\nalpha-token\n\nbeta-token\n")
-    with RunningServer(repository, metrics_port=-1, auth_token_file=tokens) as srv, grpc.insecure_channel(srv.target) as ch:
+    srv = RunningServer(repository, metrics_port=-1, auth_token_file=tokens)
+    with srv, grpc.insecure_channel(srv.target) as ch:
         for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "alpha-token"),)):
             with pytest.raises(grpc.RpcError) as info:
                 _classify(ch, samples, metadata)
