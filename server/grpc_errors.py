@@ -52,9 +52,50 @@ def _log_unexpected(error: BaseException, method: str) -> None:
         logger.exception("bug in %s", method, exc_info=error)
 
 
+class _Malformed:
+    """Stands in for a request message that did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns _Malformed instead of raising (grpc would answer UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf's DecodeError, or anything a broken payload provokes
+            return _Malformed(e)
+
+    return parse
+
+
+def _malformed_error(method: str, malformed: _Malformed) -> InvalidInputError:
+    return InvalidInputError(f"request to {method} is not a valid protobuf message: {malformed.error}")
+
+
+def _checked(requests: Any, method: str) -> Any:
+    """Request stream that raises InvalidInputError at the first message that did not parse."""
+
+    async def iterate() -> Any:
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                raise _malformed_error(method, request)
+            yield request
+
+    return iterate()
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise _malformed_error(method, request)
+            if not hasattr(request, "DESCRIPTOR"):  # a request stream
+                request = _checked(request, method)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -69,6 +110,10 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise _malformed_error(method, request)
+            if not hasattr(request, "DESCRIPTOR"):  # a request stream
+                request = _checked(request, method)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -103,25 +148,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 _wrap_unary(handler.stream_unary, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         return handler
