@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from fusionserve.errors import (
@@ -81,6 +82,8 @@ class ServingCore:
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self.draining = False
         self.started_at = time.time()
+        # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:

@@ -48,7 +48,8 @@ def _status(fn) -> grpc.StatusCode:
 
 
 def _valid(samples) -> bytes:
-    return pb.ClassifyRequest(items=[pb.Item(image=samples[0][0], text=samples[0][1])], request_id="r").SerializeToString()
+    item = pb.Item(image=samples[0][0], text=samples[0][1])
+    return pb.ClassifyRequest(items=[item], request_id="r").SerializeToString()
 
 
 @FUZZ
