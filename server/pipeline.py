@@ -18,7 +18,6 @@ from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.limits import Limits, check_image_header
 
-
 INLINE_DECODE_BYTES = 32 * 1024
 
 
