@@ -53,6 +53,7 @@ class FusionServer:
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -37,6 +37,7 @@ class _Work:
     size: int
     future: asyncio.Future
     deadline: float | None  # loop.time() by which the caller needs the answer
+    lone: bool = False  # the caller knows no other request is in flight on this server path
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -116,9 +117,12 @@ class DynamicBatcher:
             self._task = None
 
     async def submit(
-        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, lone: bool = False
     ) -> dict[str, np.ndarray]:
         """Queue one call's rows (all inputs share the first dimension) and await its outputs.
+
+        ``lone`` says the caller is the only request in flight: a short run then happens on the
+        event loop itself, saving a thread hop (nobody else needs the loop meanwhile).
 
         Raises:
             InvalidInputError: more rows than ``max_batch_size``.
@@ -143,7 +147,7 @@ class DynamicBatcher:
                 f"model {self.name!r}: queue is full ({self._queued_items} of {self.max_queue_size} items); retry later"
             )
         loop = asyncio.get_running_loop()
-        work = _Work(inputs, size, loop.create_future(), deadline)
+        work = _Work(inputs, size, loop.create_future(), deadline, lone)
         self._queue.append(work)
         self._queued_items += size
         if self._running:
@@ -218,7 +222,7 @@ class DynamicBatcher:
         # Inline when the run is cheaper than a thread hop, or when a lone caller is waiting on a
         # short run (nothing else needs the loop then).
         avg = self._avg_compute_s
-        lone = len(live) == 1 and not self._queue and not self._busy
+        lone = len(live) == 1 and live[0].lone and not self._queue
         inline = avg is not None and (avg < self.inline_below_s or (lone and avg < self.inline_idle_below_s))
         try:
             if inline:

@@ -200,6 +200,7 @@ class ServingCore:
                 executor=self._pre_pool,
                 limits=self.limits,
                 max_batch_size=self.settings.max_batch_size or config.max_batch_size,
+                max_inflight_items=self.settings.max_pipeline_items,
             )
             entry.providers = sorted({p for s in steps.values() for p in s.providers})
             if self.settings.warmup:
@@ -298,10 +299,14 @@ class ServingCore:
         *,
         deadline: float | None = None,
         per_item_errors: bool = False,
+        wait_for_room: bool = False,
     ) -> tuple[ModelEntry, PipelineResult]:
-        """Run a pipeline on (image bytes, text) items."""
+        """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
         entry, pipeline = self.pipeline(name, version)
-        return entry, await pipeline.run(images, texts, deadline=deadline, per_item_errors=per_item_errors)
+        result = await pipeline.run(
+            images, texts, deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room
+        )
+        return entry, result
 
     async def embed(
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None

@@ -7,13 +7,14 @@ encoders run concurrently (each through its own batcher), then the fusion model 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
-from fusionserve.errors import FusionServeError, InvalidInputError
+from fusionserve.errors import FusionServeError, InvalidInputError, QueueFullError
 from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.limits import Limits, check_image_header
@@ -65,6 +66,7 @@ class MultimodalPipeline:
         executor: Executor,
         limits: Limits,
         max_batch_size: int,
+        max_inflight_items: int = 512,
     ) -> None:
         self.image, self.text, self.fusion = image, text, fusion
         self.height, self.width = image_size
@@ -73,6 +75,9 @@ class MultimodalPipeline:
         self.executor = executor
         self.limits = limits
         self.max_batch_size = max_batch_size
+        self.max_inflight_items = max_inflight_items
+        self.inflight_items = 0
+        self._room = asyncio.Condition()
 
     def _check_texts(self, texts: Sequence[str]) -> dict[int, FusionServeError]:
         errors: dict[int, FusionServeError] = {}
@@ -110,6 +115,7 @@ class MultimodalPipeline:
         *,
         deadline: float | None = None,
         per_item_errors: bool = False,
+        wait_for_room: bool = False,
     ) -> PipelineResult:
         """Classify a batch.
 
@@ -118,6 +124,8 @@ class MultimodalPipeline:
             texts: one text per item.
             deadline: ``loop.time()`` by which the answer is needed.
             per_item_errors: report bad items in the result instead of failing the whole batch.
+            wait_for_room: wait while the pipeline is at capacity (streams) instead of raising
+                QueueFullError (unary calls).
 
         Raises:
             InvalidInputError: a bad batch, or (unless ``per_item_errors``) any bad item.
@@ -126,6 +134,33 @@ class MultimodalPipeline:
         if len(texts) != n:
             raise InvalidInputError(f"{n} images but {len(texts)} texts: send one of each per item")
         self._check_batch(n)
+        async with self._admit(n, wait_for_room):
+            return await self._run(images, texts, deadline, per_item_errors)
+
+    @contextlib.asynccontextmanager
+    async def _admit(self, n: int, wait: bool = False) -> AsyncIterator[None]:
+        """Admission control before any work (decoding included): bounded memory under overload."""
+        n = min(n, self.max_inflight_items)
+        if self.inflight_items + n > self.max_inflight_items:
+            if not wait:
+                raise QueueFullError(
+                    f"pipeline is at capacity ({self.inflight_items} of {self.max_inflight_items} items in flight); "
+                    "retry later or on another replica"
+                )
+            async with self._room:
+                await self._room.wait_for(lambda: self.inflight_items + n <= self.max_inflight_items)
+        self.inflight_items += n
+        try:
+            yield
+        finally:
+            self.inflight_items -= n
+            async with self._room:
+                self._room.notify_all()
+
+    async def _run(
+        self, images: Sequence[bytes], texts: Sequence[str], deadline: float | None, per_item_errors: bool
+    ) -> PipelineResult:
+        n = len(images)
         errors = self._check_texts(texts)
         decoded = await self.images(images)
         for i, value in enumerate(decoded):
@@ -141,13 +176,14 @@ class MultimodalPipeline:
             return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)
         batch = np.stack([decoded[i] for i in ok])  # type: ignore[misc]
         tokens = self.vocabulary.encode([texts[i] for i in ok])
+        lone = self.inflight_items == n
         image_out, text_out = await asyncio.gather(
-            self.image.submit({"image": batch}, deadline=deadline),
-            self.text.submit({"tokens": tokens}, deadline=deadline),
+            self.image.submit({"image": batch}, deadline=deadline, lone=lone),
+            self.text.submit({"tokens": tokens}, deadline=deadline, lone=lone),
         )
         image_features, text_features = image_out["image_features"], text_out["text_features"]
         fused = await self.fusion.submit(
-            {"image_features": image_features, "text_features": text_features}, deadline=deadline
+            {"image_features": image_features, "text_features": text_features}, deadline=deadline, lone=lone
         )
         return PipelineResult(
             n, ok, errors, fused["probabilities"], image_features, text_features, self.labels
@@ -162,6 +198,12 @@ class MultimodalPipeline:
         for count in (len(images), len(texts)):
             if count:
                 self._check_batch(count)
+        async with self._admit(max(len(images), len(texts))):
+            return await self._embed(images, texts, deadline)
+
+    async def _embed(
+        self, images: Sequence[bytes], texts: Sequence[str], deadline: float | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         errors = self._check_texts(texts)
         if errors:
             raise errors[min(errors)]

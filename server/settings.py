@@ -33,8 +33,13 @@ class ServerSettings:
     """Override every model's max batch size (0 keeps each config's value)."""
     max_queue_delay_ms: float = 2.0
     """How long a batch may wait for more items, once the model is busy. A lone caller never waits."""
-    max_queue_size: int = 1024
-    """Items a model's queue holds before new work gets RESOURCE_EXHAUSTED."""
+    max_queue_size: int = 512
+    """Items a model's queue holds before new work gets RESOURCE_EXHAUSTED (bounds queueing delay)."""
+    max_pipeline_items: int = 512
+    """Items a pipeline admits at once, decoding included. Beyond it unary calls get RESOURCE_EXHAUSTED
+    at once and streams stop reading until there is room (backpressure)."""
+    max_concurrent_rpcs: int = 4096
+    """RPCs the gRPC server runs at once; beyond it gRPC itself answers RESOURCE_EXHAUSTED."""
     intra_op_threads: int = 1
     """onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)."""
     inter_op_threads: int = 1
@@ -131,7 +136,8 @@ class ServerSettings:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError("graph_optimization_level must be disable, basic, extended or all")
-        for name in ("max_queue_size", "max_message_bytes", "max_image_bytes", "max_image_pixels",
+        for name in ("max_queue_size", "max_pipeline_items", "max_concurrent_rpcs", "max_message_bytes",
+                     "max_image_bytes", "max_image_pixels",
                      "max_text_chars", "max_stream_inflight", "max_concurrent_streams", "preprocess_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")  # fmt: skip
