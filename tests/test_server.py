@@ -248,8 +248,9 @@ def test_metrics_endpoint_exposes_the_serving_figures(server, stub, samples):
         assert name in text, name
 
 
-def test_full_queue_answers_resource_exhausted(repository, samples):
-    with RunningServer(repository, max_queue_size=1, metrics_port=-1) as srv:
+@pytest.mark.parametrize("limit", [{"max_queue_size": 8}, {"max_pipeline_items": 16}])
+def test_full_queue_answers_resource_exhausted(repository, samples, limit):
+    with RunningServer(repository, metrics_port=-1, **limit) as srv:
         stub = pb_grpc.FusionServiceStub(srv.channel())
 
         def call(i):
@@ -261,7 +262,7 @@ def test_full_queue_answers_resource_exhausted(repository, samples):
 
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             codes = list(pool.map(call, range(96)))
-        assert "RESOURCE_EXHAUSTED" in codes
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
 
 
