@@ -120,3 +120,47 @@ def test_server_is_healthy_after_the_fuzzing(raw, samples):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     response = raw["stub"].Classify(pb.ClassifyRequest(items=[pb.Item(image=samples[0][0], text=samples[0][1])]))
     assert response.results[0].label in ("match", "mismatch")
+
+
+V2_MODELS = ["image_encoder", "text_encoder", "fusion", "multimodal", "nope"]
+V2_TYPES = ["FP32", "INT32", "INT64", "BYTES", "FP16", "UINT8", "BOOL", "FP64", "WHAT"]
+V2_NAMES = ["image", "tokens", "image_features", "text_features", "IMAGE", "TEXT", "x"]
+
+
+@pytest.fixture(scope="module")
+def v2(server):
+    from fusionserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+
+    return grpc_service_pb2, grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+
+
+@FUZZ
+@given(data=st.data())
+def test_v2_random_tensors_wrong_shapes_and_non_finite_values(v2, data):
+    pb2, stub = v2
+    request = pb2.ModelInferRequest(model_name=data.draw(st.sampled_from(V2_MODELS)))
+    raw = data.draw(st.booleans())
+    for _ in range(data.draw(st.integers(0, 3))):
+        tensor = request.inputs.add(
+            name=data.draw(st.sampled_from(V2_NAMES)),
+            datatype=data.draw(st.sampled_from(V2_TYPES)),
+            shape=data.draw(st.lists(st.integers(-2, 6), max_size=4)),
+        )
+        if raw:
+            request.raw_input_contents.append(data.draw(st.binary(max_size=512)))
+        else:
+            floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+            tensor.contents.fp32_contents.extend(data.draw(st.lists(floats, max_size=300)))
+            tensor.contents.int_contents.extend(data.draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5)))
+    _status(lambda: stub.ModelInfer(request, timeout=10))
+
+
+@FUZZ
+@given(values=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, 1e38, -1e38]), min_size=64,
+                       max_size=64))  # fmt: skip
+def test_v2_non_finite_features_never_crash_the_fusion_model(v2, values):
+    pb2, stub = v2
+    request = pb2.ModelInferRequest(model_name="fusion")
+    for name in ("image_features", "text_features"):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(values)
+    assert _status(lambda: stub.ModelInfer(request, timeout=10)) == grpc.StatusCode.OK
