@@ -1,0 +1,553 @@
+"""The asyncio client: the one implementation (the blocking client runs it on a private loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar, Union
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fusionserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE_CODES, TLSConfig, create_channel
+from fusionserve.client.errors import FusionClientError
+from fusionserve.client.inputs import ImageInput, image_bytes, pair, text_of
+from fusionserve.client.results import (
+    Classification,
+    Embeddings,
+    ModelInfo,
+    StreamResult,
+    classifications,
+    embeddings,
+    model_info,
+    stream_result,
+)
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Items = Union[Iterable[Any], AsyncIterable[Any]]
+"""(image, text) pairs, from a plain or an async iterable."""
+
+_HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+_RESUMABLE = frozenset(getattr(grpc.StatusCode, name) for name in RETRYABLE_CODES)
+
+
+class AsyncFusionClient:
+    """A fusionserve client for asyncio code.
+
+    Create it inside a running event loop (gRPC binds a channel to its loop) and close it with
+    ``await client.aclose()`` or ``async with``. Every call has a deadline; unary calls are
+    retried on UNAVAILABLE (and CANCELLED by a server shutting down) by the channel's retry
+    policy, and wait for a replica to be reachable (within the deadline) when ``wait_for_ready``
+    is on. Every failure raises :class:`FusionClientError`.
+
+    Args:
+        target: ``HOST:PORT``, a gRPC URI (``dns:///name:port`` for a Kubernetes headless
+            Service), or a list of ``HOST:PORT`` replicas; calls are balanced round-robin.
+        tls: True for TLS with the system's roots, a :class:`TLSConfig` (custom CA, mTLS), or
+            False for plaintext.
+        token: bearer token sent as ``authorization: Bearer …`` on every call.
+        timeout_s: default deadline of each call (for streams: of each item).
+        model: default pipeline (empty: the server's default, ``multimodal``).
+        wait_for_ready: while no replica is reachable, wait (until the deadline) instead of
+            failing at once. Health checks never wait.
+        health_check: let round_robin skip replicas that report NOT_SERVING (e.g. draining).
+        max_message_bytes: largest message sent or received.
+        keepalive_time_s: ping interval on a connection with active calls.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        tls: bool | TLSConfig = False,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        model: str = "",
+        wait_for_ready: bool = True,
+        health_check: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_time_s: float = 60.0,
+    ) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # A grpc.aio channel belongs to the loop it was made on; one made outside any loop
+            # breaks later, inside asyncio.run(). Say so now.
+            raise RuntimeError(
+                "create AsyncFusionClient inside a running event loop (in async code), or use FusionClient"
+            ) from None
+        self.target = target
+        self.timeout_s = timeout_s
+        self.default_model = model
+        self.wait_for_ready = wait_for_ready
+        tls_config = TLSConfig() if tls is True else (tls or None)
+        if token and tls_config is None:
+            logger.warning("sending a bearer token over plaintext to %s", target)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel_args: dict[str, Any] = {
+            "tls": tls_config,
+            "max_message_bytes": max_message_bytes,
+            "keepalive_time_s": keepalive_time_s,
+        }
+        self._channel = create_channel(target, health_check=health_check, **self._channel_args)
+        self._stub = pb_grpc.FusionServiceStub(self._channel)
+        # Health and model listings go through a channel without client-side health checking:
+        # they must reach a replica that is NOT_SERVING, to report it.
+        self._admin_channel: grpc.aio.Channel | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the channels (calls in flight are cancelled)."""
+        await self._channel.close()
+        if self._admin_channel is not None:
+            await self._admin_channel.close()
+
+    async def __aenter__(self) -> AsyncFusionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _admin(self) -> grpc.aio.Channel:
+        if self._admin_channel is None:
+            self._admin_channel = create_channel(self.target, health_check=False, **self._channel_args)
+        return self._admin_channel
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    async def _unary(self, method: Any, request: Any, timeout_s: float | None, *, wait: bool | None = None) -> Any:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        wait_for_ready = self.wait_for_ready if wait is None else wait
+        try:
+            return await method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e, wait_for_ready) from e
+
+    def _error(self, e: grpc.RpcError, waited: bool) -> FusionClientError:
+        error = FusionClientError.from_rpc_error(e)
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and waited:
+            state = self._channel.get_state(try_to_connect=False)
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                error = FusionClientError(
+                    error.code, f"{error.details} (no replica of {self.target} could be reached meanwhile)"
+                )
+        return error
+
+    def _request(
+        self, items: Iterable[Any], model: str | None, model_version: int, return_embeddings: bool, request_id: str = ""
+    ) -> pb.ClassifyRequest:
+        request = pb.ClassifyRequest(
+            model=self.default_model if model is None else model,
+            model_version=model_version,
+            return_embeddings=return_embeddings,
+            request_id=request_id,
+        )
+        for item in items:
+            image, text = pair(item)
+            request.items.add(image=image_bytes(image), text=text_of(text))
+        return request
+
+    # ---- the API ------------------------------------------------------------------------------
+    async def classify(
+        self,
+        image: ImageInput,
+        text: str,
+        *,
+        model: str | None = None,
+        model_version: int = 0,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """Classify one (image, text) pair.
+
+        Args:
+            image: a file path, encoded bytes (PNG, JPEG, BMP) or a BGR uint8 array.
+            text: the caption.
+            model: pipeline name (default: the client's).
+            model_version: 0 for the latest.
+            return_embeddings: also return the image and text embeddings.
+            timeout_s: deadline (default: the client's).
+
+        Raises:
+            FusionClientError: with the status code and the server's message.
+        """
+        results = await self.classify_batch(
+            [(image, text)],
+            model=model,
+            model_version=model_version,
+            return_embeddings=return_embeddings,
+            timeout_s=timeout_s,
+        )
+        return results[0]
+
+    async def classify_batch(
+        self,
+        items: Iterable[Any],
+        *,
+        model: str | None = None,
+        model_version: int = 0,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> list[Classification]:
+        """Classify (image, text) pairs in one call (at most the model's max batch size).
+
+        Any bad item fails the whole call with INVALID_ARGUMENT naming the item.
+
+        Raises:
+            FusionClientError: with the status code and the server's message.
+        """
+        request = self._request(items, model, model_version, return_embeddings)
+        if not request.items:
+            raise FusionClientError(grpc.StatusCode.INVALID_ARGUMENT, "classify_batch needs at least one item")
+        response = await self._unary(self._stub.Classify, request, timeout_s)
+        return classifications(response)
+
+    def classify_stream(
+        self,
+        items: Items,
+        *,
+        window: int = 16,
+        model: str | None = None,
+        model_version: int = 0,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+        max_resumes: int = 3,
+    ) -> AsyncIterator[StreamResult]:
+        """Classify a (possibly endless) iterable of pairs over one bidirectional stream.
+
+        Results are yielded as they arrive (completion order), each with its item's ``index``.
+        At most ``window`` items are unanswered or unconsumed at any time: the next item is taken
+        from ``items`` only when a result has been consumed. A bad item comes back with
+        ``error`` set and the stream goes on. When the stream breaks with UNAVAILABLE (its
+        replica died or drains), the unanswered items are sent again on a new stream, which
+        round_robin places on a live replica: no item is lost or yielded twice. (CANCELLED from
+        the server counts as UNAVAILABLE: a server shutting down resets calls it had not started;
+        the stream cancels itself only when it is abandoned.)
+
+        Args:
+            items: (image, text) pairs, from an iterable or an async iterable (a plain iterable
+                is iterated on the event loop, so it must not block).
+            window: the most items in flight.
+            model: pipeline name (default: the client's).
+            model_version: 0 for the latest.
+            return_embeddings: also return embeddings.
+            timeout_s: each item must be answered within this time after it is sent.
+            max_resumes: new streams allowed in a row without an answer in between.
+
+        Raises:
+            FusionClientError: a stream-level failure other than UNAVAILABLE, UNAVAILABLE more
+                than ``max_resumes`` times in a row, or an item unanswered within ``timeout_s``.
+        """
+        if window < 1:
+            raise ValueError("window must be >= 1")
+
+        def make_request(item: Any, index: int) -> pb.ClassifyRequest:
+            return self._request([item], model, model_version, return_embeddings, request_id=str(index))
+
+        stream = _ResumableStream(
+            open_call=lambda: self._stub.ClassifyStream(metadata=self._metadata, wait_for_ready=self.wait_for_ready),
+            items=items,
+            make_request=make_request,
+            window=window,
+            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
+            max_resumes=max_resumes,
+        )
+        return stream.results()
+
+    async def embed(
+        self,
+        images: Sequence[ImageInput] = (),
+        texts: Sequence[str] = (),
+        *,
+        model: str | None = None,
+        model_version: int = 0,
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """Image and/or text embeddings (one row per input).
+
+        Raises:
+            FusionClientError: with the status code and the server's message.
+        """
+        request = pb.EmbedRequest(
+            images=[image_bytes(i) for i in images],
+            texts=[text_of(t) for t in texts],
+            model=self.default_model if model is None else model,
+            model_version=model_version,
+        )
+        response = await self._unary(self._stub.Embed, request, timeout_s)
+        return embeddings(response, len(request.images), len(request.texts))
+
+    async def models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """Every loaded model version, with its state (ready or not, and why).
+
+        Raises:
+            FusionClientError: with the status code and the server's message.
+        """
+        stub = pb_grpc.FusionServiceStub(self._admin())
+        response = await self._unary(stub.ListModels, pb.ListModelsRequest(), timeout_s)
+        return [model_info(m) for m in response.models]
+
+    async def model(self, name: str, version: int = 0, *, timeout_s: float | None = None) -> ModelInfo:
+        """One model (its latest loaded version unless ``version`` is given).
+
+        Raises:
+            FusionClientError: NOT_FOUND for an unknown model or version.
+        """
+        stub = pb_grpc.FusionServiceStub(self._admin())
+        return model_info(await self._unary(stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout_s))
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The gRPC health status: ``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN`` or ``UNKNOWN``.
+
+        ``service`` is empty for the whole server, or a model name. Never waits for a replica:
+        an unreachable server raises at once (after the retry policy's attempts).
+
+        Raises:
+            FusionClientError: the server cannot be reached (UNAVAILABLE) or times out.
+        """
+        stub = health_pb2_grpc.HealthStub(self._admin())
+        try:
+            request = health_pb2.HealthCheckRequest(service=service)
+            response = await self._unary(stub.Check, request, timeout_s, wait=False)
+        except FusionClientError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return _HEALTH_NAMES.get(response.status, "UNKNOWN")
+
+
+# ---- the resumable stream -------------------------------------------------------------------------
+class _Feed:
+    """Items pulled one at a time; a pull interrupted by a stream restart is kept, not lost."""
+
+    def __init__(self, items: Items) -> None:
+        if isinstance(items, AsyncIterable):
+            self._iterator: AsyncIterator[Any] = aiter(items)
+        else:
+            self._iterator = _async_iter(items)
+        self._pull: asyncio.Future[tuple[bool, Any]] | None = None
+        self.exhausted = False
+
+    async def _next(self) -> tuple[bool, Any]:
+        try:
+            return True, await anext(self._iterator)
+        except StopAsyncIteration:
+            return False, None
+
+    async def next(self) -> tuple[bool, Any]:
+        """(True, item), or (False, None) once the items are exhausted."""
+        if self.exhausted:
+            return False, None
+        if self._pull is None:
+            self._pull = asyncio.ensure_future(self._next())
+        # shield: cancelling the writer (a broken stream) must not cancel the caller's iterator.
+        got, item = await asyncio.shield(self._pull)
+        self._pull = None
+        self.exhausted = not got
+        return got, item
+
+    def close(self) -> None:
+        """Abandon a pull in progress (the caller stopped iterating)."""
+        if self._pull is not None and not self._pull.done():
+            self._pull.cancel()
+
+
+async def _async_iter(items: Iterable[T]) -> AsyncIterator[T]:
+    for item in items:
+        yield item
+
+
+class _ResumableStream:
+    """One classify_stream call: a window of items over a stream, resumed when it breaks."""
+
+    def __init__(
+        self,
+        *,
+        open_call: Any,
+        items: Items,
+        make_request: Any,
+        window: int,
+        timeout_s: float,
+        max_resumes: int,
+    ) -> None:
+        self._open_call = open_call
+        self._feed = _Feed(items)
+        self._make_request = make_request
+        self._window = window
+        self._timeout_s = timeout_s
+        self._max_resumes = max_resumes
+        self._pending: dict[int, pb.ClassifyRequest | None] = {}  # taken, not yet yielded
+        self._resend: collections.deque[int] = collections.deque()
+        self._next_index = 0
+        # Per attempt (one stream):
+        self._attempt = 0
+        self._events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        self._sent: dict[int, float] = {}  # index → send time on this stream, in send order
+        self._draining = False
+        self._drain_error: FusionClientError | None = None
+        self._slots = asyncio.Semaphore(window)
+        self._call: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def results(self) -> AsyncIterator[StreamResult]:
+        """Yield results as they arrive; replace the stream when it breaks with UNAVAILABLE."""
+        failures = 0  # streams replaced in a row without an answer in between
+        try:
+            while True:
+                self._start()
+                broken: FusionClientError | None = None  # why this stream must be replaced
+                cause: BaseException | None = None
+                ended = False
+                while broken is None:
+                    attempt, kind, value = await self._next_event()
+                    if kind == "local":  # an item that failed before it was sent
+                        if self._pending.pop(value.index, False) is not False:
+                            yield value
+                    elif attempt != self._attempt:
+                        continue  # from a stream already abandoned
+                    elif kind == "response":
+                        index = _index(value.request_id)
+                        if index is None or self._sent.pop(index, None) is None:
+                            continue  # not an answer we wait for on this stream
+                        result = stream_result(index, value)
+                        if result.error is not None and result.error.code in _RESUMABLE:
+                            # This replica cannot serve now (it drains): send nothing more here,
+                            # and send this item again on a new stream once the others are in.
+                            self._draining = True
+                            broken = result.error if not self._sent else None
+                            self._drain_error = result.error
+                            continue
+                        failures = 0
+                        del self._pending[index]
+                        yield result
+                        self._slots.release()
+                        if self._draining and not self._sent:
+                            broken = self._drain_error
+                    elif kind == "end":
+                        ended = True
+                        if any(r is not None for r in self._pending.values()) or not self._feed.exhausted:
+                            broken = self._drain_error or FusionClientError(
+                                grpc.StatusCode.UNAVAILABLE, "the server ended the stream before answering every item"
+                            )
+                    elif kind == "broken":
+                        if value.code() not in _RESUMABLE:
+                            raise FusionClientError.from_rpc_error(value) from value
+                        broken, cause = FusionClientError.from_rpc_error(value), value
+                    else:  # "failed": the caller's items raised, or a bug in the writer
+                        raise value
+                    if ended and not self._pending:
+                        return
+                await self._stop()
+                failures += 1
+                unanswered = sorted(i for i, r in self._pending.items() if r is not None)
+                if failures > self._max_resumes:
+                    raise FusionClientError(
+                        broken.code,
+                        f"stream failed {failures} times in a row, {len(unanswered)} items unanswered: "
+                        f"{broken.details}",
+                    ) from cause
+                logger.warning(
+                    "classify_stream: %s; sending %d unanswered items again on a new stream (%d/%d)",
+                    broken, len(unanswered), failures, self._max_resumes,
+                )  # fmt: skip
+                self._resend = collections.deque(unanswered)
+                await asyncio.sleep(min(0.05 * 2 ** (failures - 1), 1.0) * random.uniform(0.5, 1.0))
+        finally:
+            await self._stop()
+            self._feed.close()
+
+    def _start(self) -> None:
+        self._attempt += 1
+        self._sent = {}
+        self._draining = False
+        self._drain_error = None
+        self._slots = asyncio.Semaphore(self._window)
+        self._call = self._open_call()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._write(self._attempt, self._call, self._slots)),
+            loop.create_task(self._read(self._attempt, self._call)),
+        ]
+
+    async def _stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self._call = [], None
+
+    async def _next_event(self) -> tuple[int, str, Any]:
+        """The next event; raises DEADLINE_EXCEEDED when the oldest item in flight is overdue."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._events.empty():
+                return self._events.get_nowait()
+            wait = self._timeout_s
+            if self._sent:
+                index, sent_at = next(iter(self._sent.items()))  # the oldest: dicts keep send order
+                wait = sent_at + self._timeout_s - loop.time()
+                if wait <= 0:
+                    raise FusionClientError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"item {index} got no answer within {self._timeout_s:g}s"
+                    )
+            try:
+                return await asyncio.wait_for(self._events.get(), wait)
+            except asyncio.TimeoutError:
+                continue
+
+    async def _write(self, attempt: int, call: Any, slots: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await slots.acquire()
+                if self._draining:
+                    return
+                if self._resend:
+                    index = self._resend.popleft()
+                    request = self._pending[index]
+                else:
+                    got, item = await self._feed.next()
+                    if not got:
+                        break
+                    index = self._next_index
+                    self._next_index += 1
+                    try:
+                        request = self._make_request(item, index)
+                    except FusionClientError as e:  # a bad item: answer it here, the stream goes on
+                        self._pending[index] = None
+                        self._events.put_nowait((attempt, "local", StreamResult(index, error=e)))
+                        slots.release()
+                        continue
+                    self._pending[index] = request
+                self._sent[index] = loop.time()
+                await call.write(request)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the stream is over; the reader says how
+        except Exception as e:
+            self._events.put_nowait((attempt, "failed", e))
+
+    async def _read(self, attempt: int, call: Any) -> None:
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    self._events.put_nowait((attempt, "end", None))
+                    return
+                self._events.put_nowait((attempt, "response", response))
+        except grpc.aio.AioRpcError as e:
+            self._events.put_nowait((attempt, "broken", e))
+
+
+def _index(request_id: str) -> int | None:
+    try:
+        return int(request_id)
+    except ValueError:
+        return None
