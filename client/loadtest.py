@@ -370,7 +370,8 @@ async def _progress(rec: _Recorder, t0: float, measure_from: float, t_end: float
         await asyncio.sleep(1.0)
         now = clock()
         tick, rec.tick = rec.tick, []
-        phase = "warm-up" if now < measure_from else ("measuring" if now < t_end else "draining")
+        middle = (last + now) / 2  # the second this line describes
+        phase = "warm-up" if middle < measure_from else ("measuring" if middle < t_end else "draining")
         line = f"[{now - t0:6.1f}s] {phase:<9} {len(tick) / (now - last):9.1f} req/s"
         if tick:
             tick.sort()
@@ -622,10 +623,10 @@ class LoadReport:
             ax_time.scatter(t[~ok], latency_ms[~ok], s=8, marker="x", color="red", label="error")
         rows = [row for row in self.timeline if "p50_ms" in row]
         if rows:
-            xs = [row["t_s"] + 0.5 for row in rows]
+            starts = np.array([row["t_s"] for row in rows], float)
             for key, colour in (("p50_ms", "black"), ("p99_ms", "orange")):
-                ax_time.plot(xs, [row[key] for row in rows], color=colour, drawstyle="steps-mid",
-                             label=f"{key[:-3]} per second")  # fmt: skip
+                ax_time.hlines([row[key] for row in rows], starts, starts + 1, colors=colour,
+                               label=f"{key[:-3]} per second")  # fmt: skip
         if len(t) and np.any(latency_ms > 0):
             ax_time.set_yscale("log")
             ax_time.yaxis.set_major_formatter(ScalarFormatter())
