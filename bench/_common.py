@@ -1,39 +1,141 @@
-"""Shared bench plumbing: a model repository, a server process, machine info, JSON output."""
+"""Shared bench plumbing: model repositories, onnxruntime sessions, a server process, machine info, output.
+
+Also a small command line, used by ``bench/gpu.sh`` and handy by hand::
+
+    python bench/_common.py repository --backbone vgg16 [--smoke]   # train + export once, print the path
+    python bench/_common.py pack REPO DEST      # copy REPO, leaving the weights of big tensors out
+    python bench/_common.py unpack DEST         # fill them with random values (no TensorFlow needed)
+"""
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# Training samples per backbone: speed does not depend on accuracy, so a short training keeps the bench quick.
+TRAIN_SAMPLES = {("small", False): 512, ("small", True): 256, ("vgg16", False): 64, ("vgg16", True): 64}
 
 
-def repository(path: Path | None = None, *, backbone: str = "small") -> Path:
-    """A model repository to benchmark: the given one, or one trained and exported once into bench/results."""
+def trained_models(*, backbone: str = "small", smoke: bool = False) -> Path:
+    """The folder of ``.keras`` files behind ``repository()``: trained once (1 epoch), then reused."""
+    trained = RESULTS / f"trained-{backbone}{'-smoke' if smoke else ''}"
+    if not (trained / "metrics.json").is_file():  # train() writes metrics.json last
+        _build("train", backbone, smoke, trained)
+    return trained
+
+
+def repository(path: Path | None = None, *, backbone: str = "small", smoke: bool = False) -> Path:
+    """A model repository to benchmark: the given one, or one trained and exported once into bench/results.
+
+    Smoke runs get their own, smaller-trained repository, so it never stands in for a full run's.
+    Training and export run in a child process: the bench process never imports TensorFlow.
+    """
     if path is not None:
         return Path(path)
-    repo = RESULTS / f"repo-{backbone}"
-    if (repo / "multimodal").is_dir():
-        return repo
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    repo = RESULTS / f"repo-{backbone}{'-smoke' if smoke else ''}"
+    if not (repo / "multimodal").is_dir():
+        _build("export", backbone, smoke, repo)
+    return repo
+
+
+def _build(what: str, backbone: str, smoke: bool, dest: Path) -> None:
+    note = f"[bench] training + exporting the {backbone} bench models ({dest.name}), once: later runs reuse them"
+    print(note, file=sys.stderr, flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, __file__, "repository", "--backbone", backbone] + (["--smoke"] if smoke else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise RuntimeError(f"building the bench {backbone} models failed ({' '.join(cmd)})")
+
+
+def _build_here(backbone: str, smoke: bool) -> Path:
+    """Train and export in this process (imports TensorFlow); each step lands in place only when it finished."""
     from fusionserve.export.convert import export_from_dir
     from fusionserve.export.train import train
 
-    trained = RESULTS / f"trained-{backbone}"
-    # Speed does not depend on accuracy: a short training keeps the bench quick.
-    train(trained, backbone=backbone, samples=512 if backbone == "small" else 64, epochs=1, probes=False)
-    export_from_dir(trained, repo)
+    suffix = "-smoke" if smoke else ""
+    trained, repo = RESULTS / f"trained-{backbone}{suffix}", RESULTS / f"repo-{backbone}{suffix}"
+    if not (trained / "metrics.json").is_file():
+        train(trained, backbone=backbone, samples=TRAIN_SAMPLES[backbone, smoke], epochs=1, probes=False)
+    if not (repo / "multimodal").is_dir():
+        staging = repo.with_name(repo.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        export_from_dir(trained, staging)
+        shutil.rmtree(repo, ignore_errors=True)
+        staging.rename(repo)
     return repo
+
+
+def pack_weightless(repo: Path, dest: Path, min_bytes: int = 1 << 20) -> None:
+    """Copy a repository, leaving out the data of every initializer over ``min_bytes`` (shapes stay).
+
+    A random-weight VGG16 repository is 60 MB of incompressible floats: too big to carry to a
+    machine without TensorFlow. Timings do not depend on the weights' values, so ``unpack_random``
+    refills them there.
+    """
+    import onnx
+
+    shutil.copytree(repo, dest)
+    for path in dest.glob("*/*/model.onnx"):
+        model = onnx.load(str(path))
+        for tensor in model.graph.initializer:
+            if len(tensor.raw_data) >= min_bytes:
+                tensor.ClearField("raw_data")
+                tensor.doc_string = "fusionserve-bench:random"
+        onnx.save(model, str(path))
+
+
+def unpack_random(dest: Path, seed: int = 0) -> None:
+    """Fill what ``pack_weightless`` left out with small random values; update each config's sha256."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from fusionserve.repository import sha256_file
+
+    rng = np.random.default_rng(seed)
+    for path in dest.glob("*/*/model.onnx"):
+        model = onnx.load(str(path))
+        changed = False
+        for i, tensor in enumerate(model.graph.initializer):
+            if tensor.doc_string == "fusionserve-bench:random":
+                dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                fan_in = int(np.prod(tensor.dims[:-1])) if len(tensor.dims) > 1 else 1
+                values = rng.normal(0, (2 / max(fan_in, 1)) ** 0.5, tuple(tensor.dims)).astype(dtype)
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, tensor.name))
+                changed = True
+        if changed:
+            onnx.save(model, str(path))
+            config_path = path.parent / "config.json"
+            config = json.loads(config_path.read_text())
+            config["sha256"] = sha256_file(path)
+            config_path.write_text(json.dumps(config, indent=2))
+
+
+def onnx_path(repo: Path, name: str) -> Path:
+    """The latest version's ONNX file of a model in a repository."""
+    from fusionserve.repository import list_versions, load_config, version_dir
+
+    version = max(list_versions(repo, name))
+    return version_dir(repo, name, version) / str(load_config(repo, name, version).model_file)
 
 
 def samples(n: int, seed: int = 99, size: int = 64) -> list[tuple[bytes, str]]:
@@ -45,26 +147,119 @@ def samples(n: int, seed: int = 99, size: int = 64) -> list[tuple[bytes, str]]:
     return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
 
 
-class ServerProcess:
-    """``fusionserve serve`` in its own process (so the load generator does not share its GIL)."""
+def providers(device: str, cuda_options: Mapping[str, str] | None = None) -> list[Any]:
+    """The onnxruntime providers for ``cpu`` or ``cuda`` (CUDA first, CPU for what CUDA does not run).
 
-    def __init__(self, repo: Path, *args: str) -> None:
+    With no ``cuda_options`` the CUDA provider keeps onnxruntime's defaults, as the server does
+    (``cudnn_conv_algo_search=EXHAUSTIVE``, ``arena_extend_strategy=kNextPowerOfTwo``): every new
+    input shape pays one cuDNN algorithm search, so benches warm up each batch size first.
+    """
+    if device == "cpu":
+        return [CPU]
+    if device != "cuda":
+        raise ValueError(f"device must be cpu or cuda, not {device!r}")
+    return [(CUDA, dict(cuda_options)) if cuda_options else CUDA, CPU]
+
+
+class OrtModel:
+    """One onnxruntime session set up as the server sets up its own (threads, no spinning, I/O binding)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        io_binding: bool = True,
+        cuda_options: Mapping[str, str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # the server's default is 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=providers(device, cuda_options))
+        if device == "cuda" and self.session.get_providers()[0] != CUDA:
+            raise RuntimeError(f"{path}: the CUDA execution provider did not load ({self.session.get_providers()})")
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.io_binding = io_binding and device == "cuda"
+
+    def provider_options(self) -> dict[str, Any]:
+        """The options each provider really runs with (onnxruntime fills in its defaults)."""
+        return self.session.get_provider_options()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; outputs in the graph's order."""
+        if self.io_binding:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self.outputs:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        return self.session.run(None, dict(feeds))
+
+
+class ServerProcess:
+    """``fusionserve serve`` in its own process (so the load generator does not share its GIL).
+
+    Extra ``args`` go to ``fusionserve serve``; ``env`` adds environment variables (``FUSIONSERVE_*``
+    settings without a flag, such as ``FUSIONSERVE_IO_BINDING``); ``metrics=True`` serves Prometheus
+    metrics on a free port, read back with ``histogram()``.
+    """
+
+    def __init__(
+        self,
+        repo: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        metrics: bool = False,
+        start_timeout_s: float = 300,
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repo), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "-1", *args],
-            stderr=subprocess.PIPE, text=True,
+             "--port", "0", "--metrics-port", "0" if metrics else "-1", *args],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
         )  # fmt: skip
         assert self.proc.stderr is not None
-        deadline = time.time() + 120
+        self.log: collections.deque[str] = collections.deque(maxlen=40)
+        self.metrics_url: str | None = None
+        deadline = time.time() + start_timeout_s
         while time.time() < deadline:
             line = self.proc.stderr.readline()
             if not line:
                 break
+            self.log.append(line)
+            if m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line):
+                self.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"
             if m := re.search(r"listening on .* \(port (\d+)\)", line):
                 self.target = f"127.0.0.1:{m.group(1)}"
+                # Keep reading its log: a full pipe would block the server.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         self.proc.kill()
-        raise RuntimeError("server did not start")
+        raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def histogram(self, name: str) -> dict[str, tuple[float, float]]:
+        """A Prometheus histogram's (sum, count) per ``model`` label, e.g. ``fusionserve_batch_size``."""
+        from urllib.request import urlopen
+
+        if self.metrics_url is None:
+            raise RuntimeError("start the server with metrics=True")
+        with urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        out: dict[str, list[float]] = {}
+        for m in re.finditer(rf'^{name}_(sum|count){{model="([^"]+)"}} (\S+)$', text, re.MULTILINE):
+            out.setdefault(m.group(2), [0.0, 0.0])["sum count".split().index(m.group(1))] = float(m.group(3))
+        return {model: (v[0], v[1]) for model, v in out.items()}
 
     def rss_mb(self) -> float:
         """Resident memory of the server process."""
@@ -94,15 +289,36 @@ def machine() -> dict[str, Any]:
 
     import fusionserve
 
-    return {
-        "cpu": platform.processor() or platform.machine(),
+    info: dict[str, Any] = {
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
         "fusionserve": fusionserve.__version__,
         "platform": platform.platform(),
+        "load_average": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        if gpu.returncode == 0:
+            info["gpu"] = gpu.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:
@@ -118,9 +334,69 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
     }
 
 
+def result_name(name: str, *, smoke: bool = False, device: str = "cpu", tags: Sequence[str] = ()) -> str:
+    """File stem for a result: ``scaling``, ``scaling-cuda-no-iobinding``, ``scaling-smoke`` and so on."""
+    parts = [name, *([] if device == "cpu" else [device]), *tags, *(["smoke"] if smoke else [])]
+    return "-".join(parts)
+
+
 def write(name: str, payload: dict[str, Any]) -> Path:
     """Write a result JSON into bench/results/."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
     return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def pyplot():
+    """The pyplot module on the Agg backend, or None where matplotlib is not installed (then no PNG)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[bench] matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save a figure as bench/results/<name>.png."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("repository", help="train (1 epoch) and export the bench models once; print the path")
+    p.add_argument("--backbone", choices=["small", "vgg16"], default="small")
+    p.add_argument("--smoke", action="store_true")
+    p = sub.add_parser("pack", help="copy a repository without its big weights")
+    p.add_argument("repo", type=Path)
+    p.add_argument("dest", type=Path)
+    p = sub.add_parser("unpack", help="fill a packed repository with random weights, in place")
+    p.add_argument("dest", type=Path)
+    args = parser.parse_args()
+    if args.command == "repository":
+        print(_build_here(args.backbone, args.smoke))
+    elif args.command == "pack":
+        pack_weightless(args.repo, args.dest)
+    else:
+        unpack_random(args.dest)
+
+
+if __name__ == "__main__":
+    _main()

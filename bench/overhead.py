@@ -4,7 +4,7 @@ Compares the raw in-process ``multimodal`` pipeline (same preprocessing and onnx
 gRPC, no batcher) with the server: typed unary and stream (and the V2 API when available), at
 concurrency 1 and under load, and dynamic batching on vs off with 32 one-item callers.
 
-    python bench/overhead.py [--repository REPO] [--duration 5] [--smoke]
+    python bench/overhead.py [--repository REPO] [--duration 5] [--smoke] [--device cpu|cuda] [--io-binding false]
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
+from _common import OrtModel, ServerProcess, machine, percentiles, repository, result_name, samples, write
 
-from _common import ServerProcess, machine, percentiles, repository, samples, write
 from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
 from fusionserve.repository import load_config, version_dir
 from fusionserve.v1 import fusion_pb2 as pb
@@ -29,26 +28,25 @@ from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 class RawPipeline:
     """The multimodal pipeline with no server: what the server's overhead is measured against."""
 
-    def __init__(self, repo: Path) -> None:
+    def __init__(self, repo: Path, *, device: str = "cpu", io_binding: bool = True) -> None:
         pipeline = load_config(repo, "multimodal", max(int(p.name) for p in (repo / "multimodal").iterdir()))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # the server's default; see docs/BENCHMARKS.md
-        options.inter_op_num_threads = 1
         self.sessions = {}
         for step, version in pipeline.steps.items():
             config = load_config(repo, step, version)
             path = version_dir(repo, step, version) / str(config.model_file)
-            self.sessions[step] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # One intra-op thread, no spinning: the server's defaults; see docs/BENCHMARKS.md.
+            self.sessions[step] = OrtModel(path, device=device, threads=1, io_binding=io_binding)
         self.vocab = Vocabulary.load(version_dir(repo, "multimodal", pipeline.version) / "vocab.json")
-        image_input = self.sessions["image_encoder"].get_inputs()[0].shape
+        image_input = self.sessions["image_encoder"].session.get_inputs()[0].shape
         self.size = (int(image_input[1]), int(image_input[2]))
 
     def run(self, items: list[tuple[bytes, str]]) -> np.ndarray:
+        """Encoded (image, text) items → probabilities, as the server computes them."""
         images = np.stack([preprocess_image(decode_image(img), *self.size) for img, _ in items])
         tokens = self.vocab.encode([t for _, t in items])
-        fi = self.sessions["image_encoder"].run(None, {"image": images})[0]
-        ft = self.sessions["text_encoder"].run(None, {"tokens": tokens})[0]
-        return self.sessions["fusion"].run(None, {"image_features": fi, "text_features": ft})[0]
+        fi = self.sessions["image_encoder"].run({"image": images})[0]
+        ft = self.sessions["text_encoder"].run({"tokens": tokens})[0]
+        return self.sessions["fusion"].run({"image_features": fi, "text_features": ft})[0]
 
 
 def bench_raw(raw: RawPipeline, items: list, batch: int, duration_s: float) -> dict[str, Any]:
@@ -136,24 +134,35 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--batch", type=int, default=32, help="items per request for throughput runs")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI (no claims)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="raw sessions and server")
+    parser.add_argument("--io-binding", choices=["true", "false"], default="true", help="on CUDA (server setting)")
     args = parser.parse_args()
     duration = 0.5 if args.smoke else args.duration
-    repo = repository(args.repository)
+    io_binding = args.io_binding == "true"
+    repo = repository(args.repository, smoke=args.smoke)
     items = samples(512)
-    raw = RawPipeline(repo)
+    raw = RawPipeline(repo, device=args.device, io_binding=io_binding)
     raw.run(items[:4])
-    results: dict[str, Any] = {"machine": machine(), "settings": {"duration_s": duration, "batch": args.batch}}
+    raw.run(items[: args.batch])  # on CUDA each new shape pays a cuDNN algorithm search once
+    server_args = ("--device", args.device)
+    server_env = {"FUSIONSERVE_IO_BINDING": args.io_binding}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"duration_s": duration, "batch": args.batch, "device": args.device, "io_binding": io_binding,
+                     "repository": str(repo), "server_args": server_args, "server_env": server_env,
+                     "provider_options": raw.sessions["image_encoder"].provider_options()},
+    }  # fmt: skip
     r = results["runs"] = {}
     r["raw_c1_b1"] = bench_raw(raw, items, 1, duration)
     r[f"raw_b{args.batch}"] = bench_raw(raw, items, args.batch, duration)
-    with ServerProcess(repo) as server:
+    with ServerProcess(repo, *server_args, env=server_env) as server:
         results["server_rss_mb"] = server.rss_mb()
         r["typed_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration))
         r[f"typed_unary_c4_b{args.batch}"] = asyncio.run(bench_unary(server.target, items, 4, args.batch, duration))
         r[f"typed_stream_w4_b{args.batch}"] = asyncio.run(bench_stream(server.target, items, 4, args.batch, duration))
         r["typed_unary_c32_b1_batching_on"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
         results["server_rss_mb_after_load"] = server.rss_mb()
-    with ServerProcess(repo, "--max-batch-size", "1") as server:
+    with ServerProcess(repo, *server_args, "--max-batch-size", "1", env=server_env) as server:
         r["typed_unary_c32_b1_batching_off"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
     raw_tp = r[f"raw_b{args.batch}"]["items_per_s"]
     ratios = results["ratios"] = {
@@ -171,7 +180,8 @@ def main() -> None:
     for name, v in ratios.items():
         print(f"{name:<34}{v:>10.2f}")
     print(f"{'server RSS after load (MB)':<34}{results['server_rss_mb_after_load']:>10.0f}")
-    print("wrote", write("overhead-smoke" if args.smoke else "overhead", results))
+    tags = ["no-iobinding"] if args.device == "cuda" and not io_binding else []
+    print("wrote", write(result_name("overhead", smoke=args.smoke, device=args.device, tags=tags), results))
 
 
 if __name__ == "__main__":
