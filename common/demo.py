@@ -67,7 +67,7 @@ def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int =
         print("[4/4] classifying held-out samples through gRPC", flush=True)
         ds = data.generate(200, seed=seed + 777)
         items = [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
-        with FusionClient(target, timeout=30) as client:
+        with FusionClient(target, timeout_s=30) as client:
             shown = client.classify_batch(items[:8])
             print(f"      {'caption':<52}{'truth':>10}{'predicted':>11}{'p(match)':>10}")
             for (_, caption), truth, r in zip(items[:8], ds.labels[:8], shown, strict=True):

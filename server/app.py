@@ -104,7 +104,11 @@ class FusionServer:
         self.core.begin_drain()
         await self._publish_health()
         if self._server is not None:
-            await self._server.stop(grace)
+            # Calls that reach a stopping grpc server are reset (CANCELLED); calls that reach us while
+            # draining get a clean UNAVAILABLE that every client retries. Let clients move away first.
+            delay = min(grace, self.settings.drain_delay_s)
+            await asyncio.sleep(delay)
+            await self._server.stop(grace - delay)
         await self.core.aclose()
         self.metrics.close()
         self._stopped.set()

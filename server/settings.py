@@ -68,6 +68,9 @@ class ServerSettings:
     """Open streams at once; more get RESOURCE_EXHAUSTED."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM: how long in-flight calls may take to finish."""
+    drain_delay_s: float = 0.5
+    """On SIGTERM, after health goes NOT_SERVING and before gRPC stops accepting calls: time for
+    health-checking clients to move away (new calls meanwhile get UNAVAILABLE). Part of the grace."""
     tls_cert: Path | None = None
     """PEM server certificate (chain); with ``tls_key`` the server speaks TLS only."""
     tls_key: Path | None = None
