@@ -40,6 +40,7 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult
 from fusionserve.server.runtime import DeviceUnavailableError, OnnxModel
 from fusionserve.server.settings import ServerSettings
+from fusionserve.server.streams import StreamLimit
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class ServingCore:
         self._entries: dict[tuple[str, int], ModelEntry] = {}
         self._ort_pool: ThreadPoolExecutor | None = None
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.streams = StreamLimit(settings.max_concurrent_streams)
         self.draining = False
         self.started_at = time.time()
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.

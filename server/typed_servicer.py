@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,6 +13,7 @@ from fusionserve.repository import PIPELINE_NAME
 from fusionserve.server.core import ModelEntry, ServingCore, deadline_from
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.pipeline import PipelineResult
+from fusionserve.server.streams import answer_concurrently
 from fusionserve.server.tracking import track
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
@@ -79,7 +79,6 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
     def __init__(self, core: ServingCore) -> None:
         self.core = core
-        self._streams = 0
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None, per_item: bool):
         name = request.model or PIPELINE_NAME
@@ -99,57 +98,26 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             entry, result = await self._classify(request, _deadline(context), per_item=False)
             return classify_response(request, entry, result)
 
+    async def _stream_one(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        name = request.model or PIPELINE_NAME
+        try:
+            with track(self.core.metrics, self.core.metric_label(name), "typed_stream"):
+                entry, result = await self._classify(request, _deadline(context), per_item=True)
+                return classify_response(request, entry, result)
+        except Exception as e:  # answered in-band; the stream goes on
+            if not isinstance(e, FusionServeError):
+                logger.exception("bug while handling a stream request")
+            return pb.ClassifyResponse(request_id=request.request_id, error=_error(e))
+
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         """Bidirectional stream: responses go out as soon as each request is done (match by request_id)."""
-        settings = self.core.settings
-        if self._streams >= settings.max_concurrent_streams:
-            from fusionserve.errors import QueueFullError
-
-            raise QueueFullError(f"too many open streams (limit {settings.max_concurrent_streams}); retry later")
-        self._streams += 1
-        window = asyncio.Semaphore(settings.max_stream_inflight)
-        done: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-
-        async def handle(request: pb.ClassifyRequest) -> None:
-            name = request.model or PIPELINE_NAME
-            try:
-                with track(self.core.metrics, self.core.metric_label(name), "typed_stream"):
-                    entry, result = await self._classify(request, _deadline(context), per_item=True)
-                    response = classify_response(request, entry, result)
-            except FusionServeError as e:
-                response = pb.ClassifyResponse(request_id=request.request_id, error=_error(e))
-            except Exception as e:  # a bug: log it, answer in-band, keep the stream alive
-                logger.exception("bug while handling a stream request")
-                response = pb.ClassifyResponse(request_id=request.request_id, error=_error(e))
-            finally:
-                window.release()
-            await done.put(response)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.get_running_loop().create_task(handle(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                await done.put(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (response := await done.get()) is not None:
+        with self.core.streams.slot():
+            async for response in answer_concurrently(
+                request_iterator, lambda r: self._stream_one(r, context), self.core.settings.max_stream_inflight
+            ):
                 yield response
-            await reader  # surfaces a stream-level read failure
-        finally:
-            self._streams -= 1
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         """Image and/or text embeddings."""

@@ -35,17 +35,18 @@ import asyncio
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
 from fusionserve import __version__
-from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError, QueueFullError
+from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError
 from fusionserve.repository import DATATYPES, ModelConfig
 from fusionserve.server.core import READY, ModelEntry, ServingCore, deadline_from
 from fusionserve.server.grpc_errors import status_of
+from fusionserve.server.streams import answer_concurrently
 from fusionserve.server.tracking import track
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -77,8 +78,6 @@ _ALL_CONTENTS_FIELDS = tuple(f.name for f in pb.InferTensorContents.DESCRIPTOR.f
 _LENGTH = struct.Struct("<I")
 _MAX_NAME_CHARS = 200  # names echoed in error messages are cut to this length
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
 
 
 # ---- parameters and versions ---------------------------------------------------------------
@@ -359,56 +358,12 @@ def tensor_metadata(specs: Sequence[Any]) -> list[pb.ModelMetadataResponse.Tenso
     return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in specs]
 
 
-# ---- streams -----------------------------------------------------------------------------------
-async def answer_concurrently(
-    requests: AsyncIterator[Request], handle: Callable[[Request], Awaitable[Response]], window: int
-) -> AsyncIterator[Response]:
-    """Run ``handle`` on each request, at most ``window`` at once, yielding answers as they finish.
-
-    ``handle`` must answer errors itself (in-band); an error reading ``requests`` ends the stream.
-    """
-    loop = asyncio.get_running_loop()
-    slots = asyncio.Semaphore(window)
-    done: asyncio.Queue[Response | None] = asyncio.Queue()
-    tasks: set[asyncio.Task] = set()
-
-    async def run(request: Request) -> None:
-        try:
-            response = await handle(request)
-        finally:
-            slots.release()
-        await done.put(response)
-
-    async def read() -> None:
-        try:
-            async for request in requests:
-                await slots.acquire()
-                task = loop.create_task(run(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-        finally:
-            await done.put(None)
-
-    reader = loop.create_task(read())
-    try:
-        while (response := await done.get()) is not None:
-            yield response
-        await reader  # surfaces a stream-level read failure
-    finally:
-        reader.cancel()
-        for task in list(tasks):
-            task.cancel()
-
-
 # ---- the servicer ------------------------------------------------------------------------------
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Thin Open Inference Protocol layer over :class:`ServingCore`."""
 
     def __init__(self, core: ServingCore) -> None:
         self.core = core
-        self._streams = 0
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -491,17 +446,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: concurrent, answers as each request finishes, errors in-band."""
-        settings = self.core.settings
-        if self._streams >= settings.max_concurrent_streams:
-            raise QueueFullError(f"too many open streams (limit {settings.max_concurrent_streams}); retry later")
-        self._streams += 1
-        try:
+        with self.core.streams.slot():
             async for response in answer_concurrently(
-                request_iterator, lambda r: self._stream_one(r, context), settings.max_stream_inflight
+                request_iterator, lambda r: self._stream_one(r, context), self.core.settings.max_stream_inflight
             ):
                 yield response
-        finally:
-            self._streams -= 1
 
 
 def add_to_server(core: ServingCore, server: grpc.aio.Server) -> str:
