@@ -6,10 +6,8 @@ import asyncio
 import json
 import logging
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import cv2
 import grpc
@@ -350,24 +348,6 @@ def test_stream_resumes_on_a_live_replica_when_its_server_dies(repository, sampl
 
 
 # ---- TLS and tokens -----------------------------------------------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("client-pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "1", "-subj", "/CN=client test CA", cwd=d)  # fmt: skip
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=d)  # fmt: skip
-    return d
-
-
 def test_mutual_tls_and_bearer_token(repository, pki, samples, tmp_path, capsys):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
