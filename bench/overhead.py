@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
 from fusionserve.repository import load_config, version_dir
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from fusionserve.v2 import grpc_service_pb2 as v2pb
+from fusionserve.v2 import grpc_service_pb2_grpc as v2pb_grpc
 
 
 class RawPipeline:
@@ -65,17 +68,44 @@ def bench_raw(raw: RawPipeline, items: list, batch: int, duration_s: float) -> d
 
 
 def _request(items: list, start: int, batch: int, rid: str = "") -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(
-        items=[pb.Item(image=items[(start + k) % len(items)][0], text=items[(start + k) % len(items)][1])
-               for k in range(batch)],
-        request_id=rid,
-    )  # fmt: skip
+    chunk = [items[(start + k) % len(items)] for k in range(batch)]
+    return pb.ClassifyRequest(items=[pb.Item(image=i, text=t) for i, t in chunk], request_id=rid)
 
 
-async def bench_unary(target: str, items: list, concurrency: int, batch: int, duration_s: float) -> dict[str, Any]:
+def _v2_request(items: list, start: int, batch: int, rid: str = "") -> v2pb.ModelInferRequest:
+    """A V2 ``multimodal`` request as tritonclient sends it: raw BYTES with 4-byte length prefixes."""
+    chunk = [items[(start + k) % len(items)] for k in range(batch)]
+    request = v2pb.ModelInferRequest(model_name="multimodal", id=rid)
+    for name in ("IMAGE", "TEXT"):
+        request.inputs.add(name=name, datatype="BYTES", shape=[batch])
+    request.raw_input_contents.append(b"".join(struct.pack("<I", len(i)) + i for i, _ in chunk))
+    texts = [t.encode() for _, t in chunk]
+    request.raw_input_contents.append(b"".join(struct.pack("<I", len(t)) + t for t in texts))
+    return request
+
+
+class Api:
+    """How to call one API: the unary and stream methods, request builder, response id and error."""
+
+    def __init__(self, name: str, channel: grpc.aio.Channel) -> None:
+        if name == "typed":
+            stub = pb_grpc.FusionServiceStub(channel)
+            self.unary, self.stream, self.request = stub.Classify, stub.ClassifyStream, _request
+            self.response_id = lambda r: r.request_id
+            self.failed = lambda r: r.HasField("error")
+        else:
+            v2stub = v2pb_grpc.GRPCInferenceServiceStub(channel)
+            self.unary, self.stream, self.request = v2stub.ModelInfer, v2stub.ModelStreamInfer, _v2_request
+            self.response_id = lambda r: r.infer_response.id
+            self.failed = lambda r: bool(r.error_message)
+
+
+async def bench_unary(
+    target: str, items: list, concurrency: int, batch: int, duration_s: float, api: str = "typed"
+) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.FusionServiceStub(channel)
-        await stub.Classify(_request(items, 0, batch))  # connect + warm
+        calls = Api(api, channel)
+        await calls.unary(calls.request(items, 0, batch))  # connect + warm
         latencies: list[float] = []
         errors = 0
         end = time.perf_counter() + duration_s
@@ -86,7 +116,7 @@ async def bench_unary(target: str, items: list, concurrency: int, batch: int, du
             while time.perf_counter() < end:
                 t = time.perf_counter()
                 try:
-                    await stub.Classify(_request(items, i, batch), timeout=30)
+                    await calls.unary(calls.request(items, i, batch), timeout=30)
                     latencies.append(time.perf_counter() - t)
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -99,10 +129,12 @@ async def bench_unary(target: str, items: list, concurrency: int, batch: int, du
             "errors": errors, **percentiles(latencies)}  # fmt: skip
 
 
-async def bench_stream(target: str, items: list, window: int, batch: int, duration_s: float) -> dict[str, Any]:
+async def bench_stream(
+    target: str, items: list, window: int, batch: int, duration_s: float, api: str = "typed"
+) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.FusionServiceStub(channel)
-        await stub.Classify(_request(items, 0, batch))
+        calls = Api(api, channel)
+        await calls.unary(calls.request(items, 0, batch))
         slots = asyncio.Semaphore(window)
         sent: dict[str, float] = {}
         latencies: list[float] = []
@@ -114,14 +146,14 @@ async def bench_stream(target: str, items: list, window: int, batch: int, durati
                 await slots.acquire()
                 rid = str(n)
                 sent[rid] = time.perf_counter()
-                yield _request(items, n * batch, batch, rid)
+                yield calls.request(items, n * batch, batch, rid)
                 n += 1
 
         started = time.perf_counter()
         errors = 0
-        async for response in stub.ClassifyStream(requests()):
-            latencies.append(time.perf_counter() - sent.pop(response.request_id))
-            errors += response.HasField("error")
+        async for response in calls.stream(requests()):
+            latencies.append(time.perf_counter() - sent.pop(calls.response_id(response)))
+            errors += calls.failed(response)
             slots.release()
         elapsed = time.perf_counter() - started
     return {"items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
@@ -160,6 +192,13 @@ def main() -> None:
         r["typed_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration))
         r[f"typed_unary_c4_b{args.batch}"] = asyncio.run(bench_unary(server.target, items, 4, args.batch, duration))
         r[f"typed_stream_w4_b{args.batch}"] = asyncio.run(bench_stream(server.target, items, 4, args.batch, duration))
+        r["v2_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration, api="v2"))
+        r[f"v2_unary_c4_b{args.batch}"] = asyncio.run(
+            bench_unary(server.target, items, 4, args.batch, duration, api="v2")
+        )
+        r[f"v2_stream_w4_b{args.batch}"] = asyncio.run(
+            bench_stream(server.target, items, 4, args.batch, duration, api="v2")
+        )
         r["typed_unary_c32_b1_batching_on"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
         results["server_rss_mb_after_load"] = server.rss_mb()
     with ServerProcess(repo, *server_args, "--max-batch-size", "1", env=server_env) as server:
@@ -168,7 +207,10 @@ def main() -> None:
     ratios = results["ratios"] = {
         "stream_vs_raw_throughput": r[f"typed_stream_w4_b{args.batch}"]["items_per_s"] / raw_tp,
         "unary_c4_vs_raw_throughput": r[f"typed_unary_c4_b{args.batch}"]["items_per_s"] / raw_tp,
+        "v2_stream_vs_raw_throughput": r[f"v2_stream_w4_b{args.batch}"]["items_per_s"] / raw_tp,
+        "v2_unary_c4_vs_raw_throughput": r[f"v2_unary_c4_b{args.batch}"]["items_per_s"] / raw_tp,
         "unary_c1_p50_added_ms": r["typed_unary_c1_b1"]["p50_ms"] - r["raw_c1_b1"]["p50_ms"],
+        "v2_unary_c1_p50_added_ms": r["v2_unary_c1_b1"]["p50_ms"] - r["raw_c1_b1"]["p50_ms"],
         "batching_on_vs_off_c32": r["typed_unary_c32_b1_batching_on"]["items_per_s"]
         / r["typed_unary_c32_b1_batching_off"]["items_per_s"],
     }
