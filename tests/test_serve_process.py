@@ -99,3 +99,28 @@ def test_settings_precedence_defaults_file_env_flags(tmp_path):
         ServerSettings.load(None, env={}, overrides={"nope": 1})
     with pytest.raises(ValueError, match="device"):
         ServerSettings.load(None, env={"FUSIONSERVE_DEVICE": "tpu"})
+
+
+def _cuda_works(repository) -> bool:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return False
+    session = onnxruntime.InferenceSession(
+        str(repository / "fusion" / "1" / "model.onnx"), providers=["CUDAExecutionProvider"]
+    )
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+@pytest.mark.gpu
+def test_cuda_device_serves_every_model_on_the_gpu(repository, samples):
+    if not _cuda_works(repository):
+        pytest.skip("no working CUDA execution provider on this machine")
+    from tests.serving import RunningServer
+
+    with RunningServer(repository, device="cuda", metrics_port=-1) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        for model in stub.ListModels(pb.ListModelsRequest()).models:
+            assert model.execution_providers[0] == "CUDAExecutionProvider", model.name
+        items = [pb.Item(image=img, text=text) for img, text in samples[:16]]
+        assert len(stub.Classify(pb.ClassifyRequest(items=items)).results) == 16
