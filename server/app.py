@@ -58,6 +58,11 @@ class FusionServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # Bound gRPC's own accept queue (see ServerSettings.max_pending_rpcs): beyond it new
+                # calls are shed at once instead of waiting, unseen, for seconds under overload.
+                ("grpc.server.max_pending_requests", self.settings.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", self.settings.max_pending_rpcs),
+                *self._connection_age_options(),
             ],
         )
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core), server)
@@ -78,6 +83,15 @@ class FusionServer:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._publish_health()
         logger.info("fusionserve listening on %s (port %d)", self.settings.host, self.port)
+
+    def _connection_age_options(self) -> list[tuple[str, int]]:
+        age = self.settings.max_connection_age_s
+        if age <= 0:
+            return []
+        return [
+            ("grpc.max_connection_age_ms", int(age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(self.settings.max_connection_age_grace_s * 1000)),
+        ]
 
     def _add_extra_services(self, server: grpc.aio.Server) -> list[str]:
         """Front-ends beyond the typed API; returns their service names for reflection."""

@@ -27,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
         "auth_token_file": args.auth_token_file,
+        "max_connection_age_s": args.max_connection_age_s,
     }
     settings = ServerSettings.load(args.config, overrides=overrides)
     logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
@@ -48,5 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates (mutual TLS)")
     p.add_argument("--auth-token-file", type=Path, help="accepted bearer tokens, one per line")
+    p.add_argument("--max-connection-age-s", type=float, help="recycle client connections (0 = never)")
     p.add_argument("--config", type=Path, help="JSON file with any ServerSettings field")
     p.set_defaults(func=cmd_serve)

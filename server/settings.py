@@ -38,8 +38,18 @@ class ServerSettings:
     max_pipeline_items: int = 512
     """Items a pipeline admits at once, decoding included. Beyond it unary calls get RESOURCE_EXHAUSTED
     at once and streams stop reading until there is room (backpressure)."""
+    max_connection_age_s: float = 0.0
+    """Close each client connection gracefully after this long (0 = never), so clients re-resolve
+    DNS and spread over replicas added since (Kubernetes scale-ups)."""
+    max_connection_age_grace_s: float = 10.0
+    """Time in-flight calls get on a connection closed for its age."""
     max_concurrent_rpcs: int = 4096
     """RPCs the gRPC server runs at once; beyond it gRPC itself answers RESOURCE_EXHAUSTED."""
+    max_pending_rpcs: int = 256
+    """Calls gRPC holds before the event loop takes them up. When calls arrive faster than the loop
+    can take them, they wait there, unseen by the limits above; beyond this many gRPC sheds new ones
+    at once (the caller sees CANCELLED, which the client retries elsewhere). gRPC's own default (1000,
+    up to 3000) let seconds of queueing build up under overload."""
     intra_op_threads: int = 1
     """onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)."""
     inter_op_threads: int = 1
@@ -100,7 +110,13 @@ class ServerSettings:
                 continue
             if key not in known:
                 raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
-            changes[key] = _convert(known[key], value)
+            try:
+                changes[key] = _convert(known[key], value)
+            except ValueError as e:
+                raise ValueError(
+                    f"setting {key} (flag --{key.replace('_', '-')}, variable {ENV_PREFIX}{key.upper()}): "
+                    f"cannot use {value!r}: {e}"
+                ) from e
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -139,7 +155,8 @@ class ServerSettings:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError("graph_optimization_level must be disable, basic, extended or all")
-        for name in ("max_queue_size", "max_pipeline_items", "max_concurrent_rpcs", "max_message_bytes",
+        for name in ("max_queue_size", "max_pipeline_items", "max_concurrent_rpcs", "max_pending_rpcs",
+                     "max_message_bytes",
                      "max_image_bytes", "max_image_pixels",
                      "max_text_chars", "max_stream_inflight", "max_concurrent_streams", "preprocess_threads"):
             if getattr(self, name) < 1:

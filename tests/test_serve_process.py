@@ -124,3 +124,8 @@ def test_cuda_device_serves_every_model_on_the_gpu(repository, samples):
             assert model.execution_providers[0] == "CUDAExecutionProvider", model.name
         items = [pb.Item(image=img, text=text) for img, text in samples[:16]]
         assert len(stub.Classify(pb.ClassifyRequest(items=items)).results) == 16
+
+
+def test_a_bad_environment_value_names_the_setting_and_variable():
+    with pytest.raises(ValueError, match="FUSIONSERVE_PORT.*tcp://10.0.0.1:8001"):
+        ServerSettings.load(None, env={"FUSIONSERVE_PORT": "tcp://10.0.0.1:8001"})

@@ -367,3 +367,15 @@ def test_version_policy_all_serves_every_version(repository, tmp_path, samples):
     with RunningServer(repo, metrics_port=-1) as srv:  # default: latest only, plus what pipelines pin
         assert srv.server.core.versions("fusion") == [1, 2]
         assert srv.server.core.find("fusion").version == 2
+
+
+def test_connections_recycled_for_their_age_keep_serving(repository, samples):
+    import time
+
+    with RunningServer(repository, metrics_port=-1, max_connection_age_s=0.3, max_connection_age_grace_s=1) as srv:
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        end, calls = time.time() + 1.5, 0
+        while time.time() < end:
+            assert stub.Classify(request(samples[:2]), timeout=10, wait_for_ready=True).results[0].label
+            calls += 1
+        assert calls > 5
