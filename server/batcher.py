@@ -1,8 +1,9 @@
 """Dynamic batching: items from concurrent calls merged into one model run.
 
 One consumer task per model takes the first queued item, adds whatever else is queued, and — only
-when the model has been busy (work arrived while the last batch ran) — waits up to
-``max_queue_delay_s`` for more, up to ``max_batch_size`` items. A lone caller therefore never waits
+when the model has been busy (work arrived while the last batch ran) — waits for more, up to
+``max_batch_size`` items, for at most ``max_queue_delay_s`` and never longer than one run of the
+model takes (a tiny model gains nothing from waiting). A lone caller therefore never waits
 for a batch that will never fill, while a crowd is still batched. The queue is bounded in items;
 a full queue raises QueueFullError at once. Expired and cancelled work is dropped before compute.
 """
@@ -180,8 +181,11 @@ class DynamicBatcher:
                 continue
             batch: list[_Work] = []
             rows = self._take(batch, 0)
-            if self._busy and rows < self.max_batch_size and self.max_queue_delay_s > 0:
-                until = loop.time() + self.max_queue_delay_s
+            # Waiting longer than one run takes cannot pay off: the items it gathers would have
+            # formed the next batch anyway. So the wait is capped by the model's own run time.
+            wait_s = min(self.max_queue_delay_s, self._avg_compute_s or 0.0)
+            if self._busy and rows < self.max_batch_size and wait_s > 0:
+                until = loop.time() + wait_s
                 while rows < self.max_batch_size and (remaining := until - loop.time()) > 0:
                     self._wakeup.clear()
                     try:
