@@ -1,0 +1,111 @@
+"""Three replicas behind one round_robin client: SIGTERM one, kill -9 another, restart both on their ports.
+
+Every call must succeed (the client retries UNAVAILABLE/CANCELLED on a live replica), and each
+replica's own Prometheus counters must show that it carried a fair share of the load while it was up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fusionserve.client import FusionClient
+from tests.processes import ServerProcess, free_ports, start_all, wait_until
+
+THREADS = 4
+PHASE_S = 2.0
+MIN_SHARE = 0.15
+"""Of the calls made while all three replicas were up; a fair share is 1/3."""
+
+
+class Load:
+    """``THREADS`` closed-loop callers of one client; every failure is kept."""
+
+    def __init__(self, client: FusionClient, samples) -> None:
+        self.ok = 0
+        self.failures: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(client, samples, n)) for n in range(THREADS)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, client: FusionClient, samples, lane: int) -> None:
+        n = lane
+        while not self._stop.is_set():
+            try:
+                assert client.classify(*samples[n % 64]).label in ("match", "mismatch")
+            except BaseException as e:  # noqa: BLE001 - any failure fails the test
+                self.failures.append(e)
+                return
+            with self._lock:
+                self.ok += 1
+            n += THREADS
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def _served(replicas: list[ServerProcess]) -> list[float]:
+    """Each replica's own count of Classify calls answered OK, scraped at (nearly) the same moment."""
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        return list(pool.map(lambda r: r.metric(), replicas))
+
+
+@pytest.mark.slow
+def test_three_replicas_survive_sigterm_kill_and_restart_with_the_load_spread(repository, samples):
+    ports, metrics_ports = free_ports(3), free_ports(3)
+    replicas = start_all(repository, 3, ports=ports, metrics_ports=metrics_ports)
+    restarted: list[ServerProcess] = []
+    load = None
+    try:
+        with FusionClient([r.target for r in replicas], timeout_s=30) as client:
+            load = Load(client, samples)
+            # Phase 1: all three up.
+            time.sleep(0.5)  # every subchannel connected and in the rotation
+            start_counts, start_ok = _served(replicas), load.ok
+            time.sleep(PHASE_S)
+            end_counts, end_ok = _served(replicas), load.ok
+            phase1 = [b - a for a, b in zip(start_counts, end_counts, strict=True)]
+
+            # Phase 2: SIGTERM replica 1 (it drains), kill -9 replica 2; replica 0 carries everything.
+            replicas[1].terminate()
+            replicas[2].kill()
+            assert replicas[1].wait(30) == 0 and replicas[2].proc.returncode == -9
+            alone_from, alone_ok = replicas[0].metric(), load.ok
+            time.sleep(1.0)
+            alone_to, alone_ok_to = replicas[0].metric(), load.ok
+
+            # Phase 3: both come back on their old ports; the client finds them again by itself.
+            restarted = start_all(repository, 2, ports=ports[1:], metrics_ports=metrics_ports[1:])
+            live = [replicas[0], *restarted]
+            assert wait_until(lambda: min(r.metric() for r in restarted) >= 5, 20), "restarted replicas got no calls"
+            start_counts, start3_ok = _served(live), load.ok
+            time.sleep(PHASE_S)
+            end_counts, end3_ok = _served(live), load.ok
+            phase3 = [b - a for a, b in zip(start_counts, end_counts, strict=True)]
+            load.stop()
+    finally:
+        if load is not None:
+            load.stop()
+        for r in [*replicas, *restarted]:
+            r.close()
+
+    assert not load.failures, load.failures[:3]  # every call succeeded
+    assert load.ok > 0
+    slack = 2 * THREADS  # calls in flight while the counters were read
+    for name, shares, calls in (("all up", phase1, end_ok - start_ok), ("restarted", phase3, end3_ok - start3_ok)):
+        assert abs(sum(shares) - calls) <= slack, (name, shares, calls)
+        assert min(shares) >= MIN_SHARE * sum(shares), (name, shares)
+    alone = alone_to - alone_from
+    assert alone > 0 and abs(alone - (alone_ok_to - alone_ok)) <= slack  # replica 0 served every call alone
+    fmt = lambda shares: "/".join(f"{100 * s / sum(shares):.0f}%" for s in shares)  # noqa: E731
+    print(
+        f"\nreplicas: {load.ok} calls, 0 failed; shares with all three up {fmt(phase1)} of {sum(phase1):.0f}; "
+        f"replica 0 alone {alone:.0f} of {alone_ok_to - alone_ok}; after the restart {fmt(phase3)} of {sum(phase3):.0f}"
+    )
