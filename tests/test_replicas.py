@@ -98,7 +98,9 @@ def test_three_replicas_survive_sigterm_kill_and_restart_with_the_load_spread(re
 
     assert not load.failures, load.failures[:3]  # every call succeeded
     assert load.ok > 0
-    slack = 2 * THREADS  # calls in flight while the counters were read
+    # Calls in flight while the counters were read: the three scrapes and the client's count are not
+    # one instant, and on a loaded 2-core machine a scrape can take tens of milliseconds.
+    slack = max(2 * THREADS, 0.05 * load.ok)
     for name, shares, calls in (("all up", phase1, end_ok - start_ok), ("restarted", phase3, end3_ok - start3_ok)):
         assert abs(sum(shares) - calls) <= slack, (name, shares, calls)
         assert min(shares) >= MIN_SHARE * sum(shares), (name, shares)
