@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from fusionserve.server.grpc_errors import HANDLER_FACTORIES, handler_kind
 from fusionserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,7 @@ def _deny(kind: str) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         yield  # pragma: no cover - makes this an async generator
 
-    factory = {
-        "unary_unary": lambda: grpc.unary_unary_rpc_method_handler(unary),
-        "stream_unary": lambda: grpc.stream_unary_rpc_method_handler(unary),
-        "unary_stream": lambda: grpc.unary_stream_rpc_method_handler(stream),
-        "stream_stream": lambda: grpc.stream_stream_rpc_method_handler(stream),
-    }
-    return factory[kind]()
+    return HANDLER_FACTORIES[kind](stream if kind.endswith("_stream") else unary)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -85,5 +80,4 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._authorized(details.invocation_metadata):
             return handler
-        kind = next(k for k in ("unary_unary", "stream_unary", "unary_stream", "stream_stream") if getattr(handler, k))
-        return _deny(kind)
+        return _deny(handler_kind(handler))

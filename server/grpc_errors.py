@@ -52,6 +52,20 @@ def _log_unexpected(error: BaseException, method: str) -> None:
         logger.exception("bug in %s", method, exc_info=error)
 
 
+# The four kinds of RPC handler and the grpc factory that builds each (request → response streaming).
+HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    """Which of the four kinds ``handler`` is (the attribute holding its behaviour)."""
+    return next(kind for kind in HANDLER_FACTORIES if getattr(handler, kind))
+
+
 class _Malformed:
     """Stands in for a request message that did not parse, so the handler can answer INVALID_ARGUMENT."""
 
@@ -145,28 +159,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or not method.startswith(self._prefixes):
             return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        return handler
+        kind = handler_kind(handler)
+        wrap = _wrap_stream if kind.endswith("_stream") else _wrap_unary
+        return HANDLER_FACTORIES[kind](
+            wrap(getattr(handler, kind), method),
+            _tolerant(handler.request_deserializer),
+            handler.response_serializer,
+        )
