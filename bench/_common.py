@@ -400,3 +400,14 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def time_calls(fn, duration_s: float, min_calls: int = 3) -> list[float]:
+    """Seconds per call of ``fn``, for at least ``duration_s`` and ``min_calls`` calls."""
+    times: list[float] = []
+    end = time.perf_counter() + duration_s
+    while len(times) < min_calls or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import OrtModel, machine, onnx_path, repository, result_name, trained_models, write
+from _common import OrtModel, machine, onnx_path, repository, result_name, time_calls, trained_models, write
 
 from fusionserve.preprocess import Vocabulary
 
@@ -39,12 +39,7 @@ def median_call_s(fn: Callable[[], Any], duration_s: float, min_calls: int = 5, 
     """Median (and min) seconds per call of ``fn`` over ``duration_s``, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times: list[float] = []
-    end = time.perf_counter() + duration_s
-    while len(times) < min_calls or time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    times = time_calls(fn, duration_s, min_calls)
     return {"median_ms": statistics.median(times) * 1000, "min_ms": min(times) * 1000, "calls": len(times)}
 
 

@@ -37,6 +37,7 @@ from _common import (
     result_name,
     samples,
     save_figure,
+    time_calls,
     write,
 )
 from overhead import _request
@@ -51,15 +52,6 @@ WORDS = (1, 5, 20, 50, 100, 200)
 TEXT_BATCH = 32
 
 
-def time_calls(fn, duration_s: float, min_calls: int = 3) -> list[float]:
-    """Seconds per call of ``fn``, for at least ``duration_s`` and ``min_calls`` calls."""
-    times: list[float] = []
-    end = time.perf_counter() + duration_s
-    while len(times) < min_calls or time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def bench_batches(model: OrtModel, duration_s: float, max_call_s: float) -> dict[str, dict[str, Any]]:
