@@ -1,7 +1,7 @@
 """Faults against real ``fusionserve serve`` processes on loopback: overload, SIGTERM under load, kill -9.
 
 Each test prints one ``faults:`` line with its figures (``pytest -s`` shows them; docs/RELIABILITY.md
-quotes them). The long version of the overload run is ``bench/soak.py``.
+quotes them). Their long-running counterpart is ``bench/soak.py`` (sustained load for minutes).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ PENDING, PIPELINE = 32, 32
 def admitted_p99_bound_s(capacity: float) -> float:
     """At most PENDING + PIPELINE = 64 calls are ahead of an admitted call: 64 / capacity seconds of
     queueing (about 0.1 s at the 500 to 800 req/s measured here). Ten times that, kept between 0.5 s
-    (scheduling noise on 2 shared cores) and 2 s. gRPC's own accept queue (1000 to 3000 calls) gave
-    3.5 to 4.5 s here before max_pending_rpcs bounded it."""
+    (scheduling noise on 2 shared cores) and 2 s. With gRPC's own accept queue (up to 3000 calls,
+    the behaviour before max_pending_rpcs) the p99 was 3.5 to 7.6 s here."""
     return min(2.0, max(0.5, 10 * (PENDING + PIPELINE) / capacity))
 
 
