@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,43 +12,22 @@ import pytest
 from fusionserve.server.settings import ServerSettings
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
-
-
-def start_server(repository: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository), "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "-1", *extra],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    deadline = time.time() + 60
-    lines = []
-    assert proc.stderr is not None
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"listening on .* \(port (\d+)\)", line):
-            return proc, int(m.group(1))
-    proc.kill()
-    raise AssertionError("server did not start:\n" + "".join(lines))
+from tests.processes import ServerProcess
 
 
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_zero(repository, samples):
-    proc, port = start_server(repository, "--shutdown-grace-s", "5")
+    server = ServerProcess(repository, "--shutdown-grace-s", "5")
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.FusionServiceStub(channel)
+        stub = pb_grpc.FusionServiceStub(grpc.insecure_channel(server.target))
         response = stub.Classify(pb.ClassifyRequest(items=[pb.Item(image=samples[0][0], text=samples[0][1])]))
         assert response.results[0].label in ("match", "mismatch")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert proc.stderr is not None
-        assert "shut down" in proc.stderr.read()
+        server.terminate()
+        assert server.wait(30) == 0
+        server.close()  # reads the log to its end
+        assert "shut down" in "".join(server.log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.close()
 
 
 @pytest.mark.slow
