@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,7 +82,6 @@ class ServingCore:
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self.streams = StreamLimit(settings.max_concurrent_streams)
         self.draining = False
-        self.started_at = time.time()
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
@@ -164,6 +162,7 @@ class ServingCore:
             )
             await batcher.start()
             entry.batcher = batcher
+            self.metrics.queued.labels(config.name).set_function(lambda: batcher.queued_items)
             if s.warmup:
                 await batcher.submit(_warmup_inputs(config))
             entry.state = READY

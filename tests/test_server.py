@@ -244,6 +244,7 @@ def test_metrics_endpoint_exposes_the_serving_figures(server, stub, samples):
         'fusionserve_compute_time_seconds_count{model="text_encoder"}',
         'fusionserve_batch_size_bucket{le="1.0",model="fusion"}',
         "fusionserve_inflight_requests",
+        'fusionserve_queued_items{model="text_encoder"}',
     ):
         assert name in text, name
 
