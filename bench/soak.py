@@ -8,8 +8,15 @@
 3. Offer ``--load`` (default 0.7) of the capacity, open loop, for ``--minutes`` (default 10), and
    sample the server's resident memory (VmRSS) and who used the CPU every second.
 4. Report errors (must be 0), p50/p99 per window of ``--window-s`` over time, and memory after the
-   warm-up (the fill, then the first 10% of the run, at most 60 s) against the end (growth must
-   stay under 10%).
+   warm-up (the fill, then the first 10% of the run, at most 60 s) against the end: growth must
+   stay under 10%. Each side is the median of the per-second RSS samples over one window (the
+   first window after the warm-up, the last window of the run), so a leak (a level that keeps
+   rising) fails the check and a transient does not: a burst of queued calls, when a neighbour
+   takes a core for a few seconds, lifts RSS for about as long as the backlog lasts. The single
+   samples at those two instants, the maximum, and the RSS a few seconds after the load stopped
+   are reported beside it.
+5. Name the neighbours: in every second where processes other than the server and the load
+   generator took more than a quarter of a core, the busiest of them (command, cores).
 
     python bench/soak.py [--minutes 10] [--load 0.7] [--window-s 30] [--fill-s 3] [--repository REPO] [--smoke]
 
@@ -35,6 +42,7 @@ from _common import ServerProcess, machine, repository, result_name, samples, wr
 from fusionserve.client.loadtest import LoadSettings, run_load
 
 MAX_RSS_GROWTH = 0.10
+REST_S = 5.0  # after the load stops, wait this long and read the server's RSS once more
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -42,6 +50,21 @@ def _proc_cpu_s(pid: int | str) -> float:
     """CPU seconds (user + system, every thread) a process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _other_processes(skip: set[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process on the machine but ``skip``: pid → (command, seconds)."""
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:  # it ended meanwhile
+            continue
+        fields = tail.split()
+        out[int(entry.name)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / TICKS)
+    return out
 
 
 def _machine_busy_s() -> float:
@@ -58,9 +81,13 @@ class Monitor:
     told apart from a busy neighbour.
     """
 
+    NEIGHBOUR_CORES = 0.25  # name the other processes in a second where they took more than this
+
     def __init__(self, server: ServerProcess, interval_s: float = 1.0) -> None:
         self.samples: list[tuple[float, float, float, float, float]] = []  # t, RSS MiB, server, self, machine
+        self.neighbours: list[dict[str, Any]] = []  # {t_s, other_cores, top: [[command, cores], ...]}
         self._server = server
+        self._skip = {server.proc.pid, os.getpid()}
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._t0 = time.monotonic()
@@ -68,11 +95,29 @@ class Monitor:
         self._thread.start()
 
     def _run(self) -> None:
+        before = _other_processes(self._skip)
         while True:
             self.samples.append((time.monotonic() - self._t0, self._server.rss_mb(), _proc_cpu_s(self._server.proc.pid),
                                  _proc_cpu_s("self"), _machine_busy_s()))  # fmt: skip
+            now = _other_processes(self._skip)
+            if len(self.samples) >= 2:
+                self._name_neighbours(before, now)
+            before = now
             if self._stop.wait(self._interval_s):
                 return
+
+    def _name_neighbours(self, before: dict[int, tuple[str, float]], now: dict[int, tuple[str, float]]) -> None:
+        (t0, _, server0, self0, busy0), (t1, _, server1, self1, busy1) = self.samples[-2:]
+        span = max(t1 - t0, 1e-9)
+        other = max(0.0, (busy1 - busy0) - (server1 - server0) - (self1 - self0)) / span
+        if other <= self.NEIGHBOUR_CORES:
+            return
+        # A process that started within the second used all its CPU time in it.
+        used = sorted(((cmd, (cpu - before.get(pid, (cmd, 0.0))[1]) / span) for pid, (cmd, cpu) in now.items()),
+                      key=lambda c: -c[1])  # fmt: skip
+        top = [[cmd, round(cores, 2)] for cmd, cores in used[:3] if cores >= 0.01]
+        # The rest of `other`: processes that ended within the second, and kernel time.
+        self.neighbours.append({"t_s": round(t1, 1), "other_cores": round(other, 2), "top": top})
 
     def _nearest(self, t_s: float) -> tuple[float, float, float, float, float]:
         return min(self.samples, key=lambda s: abs(s[0] - t_s))
@@ -80,6 +125,11 @@ class Monitor:
     def rss_at(self, t_s: float) -> float:
         """The server's RSS (MiB) nearest to ``t_s``."""
         return self._nearest(t_s)[1]
+
+    def rss_median(self, start_s: float, end_s: float) -> float:
+        """The median of the server's RSS samples (MiB) from ``start_s`` to ``end_s``."""
+        inside = [s[1] for s in self.samples if start_s <= s[0] <= end_s]
+        return float(np.median(inside)) if inside else self.rss_at((start_s + end_s) / 2)
 
     def cpu_between(self, start_s: float, end_s: float) -> dict[str, float]:
         """Cores used on average by the server, the load generator and everything else."""
@@ -154,10 +204,15 @@ def main() -> int:
         finally:
             monitor.stop()
         alive = server.proc.poll() is None
+        time.sleep(REST_S)
+        at_rest = server.rss_mb() if alive else float("nan")
 
     r = report.results
-    after_warmup, end = monitor.rss_at(warmup_s), monitor.rss_at(duration_s)
+    # Medians over one window at each end (see the module docstring), and the single samples for reference.
+    after_warmup = monitor.rss_median(warmup_s, warmup_s + window_s)
+    end = monitor.rss_median(duration_s - window_s, duration_s)
     growth = (end - after_warmup) / after_warmup
+    point_start, point_end = monitor.rss_at(warmup_s), monitor.rss_at(duration_s)
     checks = {"errors_zero": r["error_count"] == 0, "rss_growth_under_10pct": growth < MAX_RSS_GROWTH,
               "server_alive": alive}  # fmt: skip
     rows = windows(report, monitor, window_s)
@@ -172,9 +227,12 @@ def main() -> int:
                     "requests_per_s": r["requests_per_s"], "latency_ms": r["latency_ms"],
                     "send_lag_ms": r["send_lag_ms"]},
         "memory": {"rss_after_warmup_mb": after_warmup, "rss_end_mb": end, "growth": growth,
-                   "rss_max_mb": max(s[1] for s in monitor.samples)},
+                   "measured_as": f"median of the per-second samples over {window_s:g} s at each end",
+                   "rss_at_warmup_end_sample_mb": point_start, "rss_at_end_sample_mb": point_end,
+                   "rss_max_mb": max(s[1] for s in monitor.samples), f"rss_{REST_S:g}s_after_load_mb": at_rest},
         "monitor": {"columns": ["t_s", "rss_mb", "server_cpu_s", "loadgen_cpu_s", "machine_busy_s"],
                     "samples": monitor.samples},
+        "neighbours": monitor.neighbours,
         "windows": rows,
         "checks": checks,
         "load_average_at_end": os.getloadavg(),  # the machine() figures are from the start
@@ -191,8 +249,13 @@ def main() -> int:
     print(f"\n{r['requests']} requests at {rate:.0f} req/s offered ({args.load:.0%} of {capacity:.0f}): "
           f"{r['error_count']} errors{by_code}; p50 {lat.get('p50', float('nan')):.2f} ms, "
           f"p99 {lat.get('p99', float('nan')):.2f} ms")  # fmt: skip
-    print(f"RSS after the warm-up ({warmup_s:g} s) {after_warmup:.1f} MiB, at the end {end:.1f} MiB: "
-          f"{growth:+.1%} (limit {MAX_RSS_GROWTH:.0%})")
+    print(f"RSS (median of {window_s:g} s) after the warm-up ({warmup_s:g} s) {after_warmup:.1f} MiB, "
+          f"at the end {end:.1f} MiB: {growth:+.1%} (limit {MAX_RSS_GROWTH:.0%}); single samples at those "
+          f"instants {point_start:.1f} → {point_end:.1f} MiB, max {result['memory']['rss_max_mb']:.1f} MiB, "
+          f"{at_rest:.1f} MiB {REST_S:g} s after the load stopped")  # fmt: skip
+    for n in monitor.neighbours:
+        top = ", ".join(f"{cmd} {cores:.2f}" for cmd, cores in n["top"]) or "no process named"
+        print(f"  neighbours at {n['t_s']:.0f} s: {n['other_cores']:.2f} cores ({top})")
     failed = [name for name, passed in checks.items() if not passed]
     print("checks:", "all passed" if not failed else "FAILED " + ", ".join(failed))
     print("wrote", write(result_name("soak", smoke=args.smoke), result))
