@@ -10,22 +10,22 @@ Also a small command line, used by ``bench/gpu.sh`` and handy by hand::
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fusionserve.process import ServerProcess
+
+__all__ = ["ServerProcess"]  # re-exported for the bench scripts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU = "CPUExecutionProvider"
@@ -201,86 +201,6 @@ class OrtModel:
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
         return self.session.run(None, dict(feeds))
-
-
-class ServerProcess:
-    """``fusionserve serve`` in its own process (so the load generator does not share its GIL).
-
-    Extra ``args`` go to ``fusionserve serve``; ``env`` adds environment variables (``FUSIONSERVE_*``
-    settings without a flag, such as ``FUSIONSERVE_IO_BINDING``); ``metrics=True`` serves Prometheus
-    metrics on a free port, read back with ``histogram()``.
-    """
-
-    def __init__(
-        self,
-        repo: Path,
-        *args: str,
-        env: Mapping[str, str] | None = None,
-        metrics: bool = False,
-        start_timeout_s: float = 300,
-    ) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repo), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0" if metrics else "-1", *args],
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        self.log: collections.deque[str] = collections.deque(maxlen=40)
-        self.metrics_url: str | None = None
-        deadline = time.time() + start_timeout_s
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            if m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line):
-                self.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"
-            if m := re.search(r"listening on .* \(port (\d+)\)", line):
-                self.target = f"127.0.0.1:{m.group(1)}"
-                # Keep reading its log: a full pipe would block the server.
-                threading.Thread(target=self._drain, daemon=True).start()
-                return
-        self.proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(self.log))
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def histogram(self, name: str) -> dict[str, tuple[float, float]]:
-        """A Prometheus histogram's (sum, count) per ``model`` label, e.g. ``fusionserve_batch_size``."""
-        from urllib.request import urlopen
-
-        if self.metrics_url is None:
-            raise RuntimeError("start the server with metrics=True")
-        with urlopen(self.metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        out: dict[str, list[float]] = {}
-        for m in re.finditer(rf'^{name}_(sum|count){{model="([^"]+)"}} (\S+)$', text, re.MULTILINE):
-            out.setdefault(m.group(2), [0.0, 0.0])["sum count".split().index(m.group(1))] = float(m.group(3))
-        return {model: (v[0], v[1]) for model, v in out.items()}
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server process."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def machine() -> dict[str, Any]:

@@ -109,7 +109,7 @@ def main() -> None:
     modes = {"off": ("--max-batch-size", "1"), "on": ("--max-queue-delay-ms", "2")}
     rate = 0.0
     for mode, flags in modes.items():
-        with ServerProcess(repo, *dev, *flags, metrics=True) as server:
+        with ServerProcess(repo, *dev, *flags, metrics_port=0) as server:
             for c in CONCURRENCY:
                 closed[mode][c] = measure(server, bench_unary(server.target, items, c, 1, duration))
             if mode == "off":  # the open-loop rate both servers are offered
@@ -118,7 +118,7 @@ def main() -> None:
 
     sweep: dict[float, dict] = {}
     for delay in DELAYS_MS:
-        with ServerProcess(repo, *dev, "--max-queue-delay-ms", str(delay), metrics=True) as server:
+        with ServerProcess(repo, *dev, "--max-queue-delay-ms", str(delay), metrics_port=0) as server:
             sweep[delay] = measure(server, bench_unary(server.target, items, SWEEP_CONCURRENCY, 1, duration))
 
     results["closed_loop"] = {m: {str(c): v for c, v in r.items()} for m, r in closed.items()}

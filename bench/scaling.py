@@ -199,7 +199,7 @@ def main() -> None:
         items = samples(256)
         streams = results["streams"] = {}
         for b, repo in repos.items():
-            with ServerProcess(repo, *server_args, env=server_env) as server:
+            with ServerProcess(repo, *server_args, env=server_env, start_timeout_s=300) as server:
                 streams[b] = {str(n): asyncio.run(bench_streams(server.target, items, n, args.stream_window, duration))
                               for n in STREAMS}  # fmt: skip
         print(f"\nserver, typed ClassifyStream, {STREAM_BATCH} items per request, {args.stream_window} in flight "

@@ -3,38 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def _start_server(repository: Path) -> tuple[subprocess.Popen, int]:
-    """Start ``fusionserve serve`` as its own process (no TensorFlow in it) on a free port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository),
-         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        if m := re.search(r"listening on .* \(port (\d+)\)", line):
-            return proc, int(m.group(1))
-    proc.kill()
-    raise RuntimeError("the server did not start; run 'fusionserve serve' by hand to see why")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int = 0) -> int:
@@ -44,6 +15,7 @@ def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int =
     from fusionserve.export.convert import export_from_dir
     from fusionserve.export.train import train
     from fusionserve.preprocess import encode_png
+    from fusionserve.process import ServerProcess
 
     workdir = Path(workdir)
     trained, repository = workdir / "trained", workdir / "model-repository"
@@ -60,10 +32,10 @@ def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int =
         print(f"      {m.name:<14}{m.version:>8}{m.max_abs_diff:>18.2e}{m.onnx_bytes:>11,}")
     print(f"      train + export took {time.perf_counter() - started:.0f} s")
     print("[3/4] starting 'fusionserve serve' (onnxruntime, no TensorFlow)…", flush=True)
-    proc, port = _start_server(repository)
+    server = ServerProcess(repository)
     try:
-        target = f"127.0.0.1:{port}"
-        print(f"      serving on {target}; server resident memory {_rss_mb(proc.pid):.0f} MB")
+        target = server.target
+        print(f"      serving on {target}; server resident memory {server.rss_mb():.0f} MB")
         print("[4/4] classifying held-out samples through gRPC", flush=True)
         ds = data.generate(200, seed=seed + 777)
         items = [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
@@ -76,8 +48,7 @@ def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int =
             correct = sum(r.label == data.LABELS[t] for r, t in zip(results, ds.labels, strict=True))
             print(f"      accuracy through the server on 200 held-out pairs: {correct / 200:.3f}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
+        code = server.close()
     print(f"done: server drained and exited with {code}; repository left in {repository}")
     return 0 if code == 0 else 1
 

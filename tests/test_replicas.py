@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fusionserve.client import FusionClient
-from tests.processes import ServerProcess, free_ports, start_all, wait_until
+from tests.processes import OK_TYPED, ServerProcess, free_ports, start_all, wait_until
 
 THREADS = 4
 PHASE_S = 2.0
@@ -54,7 +54,7 @@ class Load:
 def _served(replicas: list[ServerProcess]) -> list[float]:
     """Each replica's own count of Classify calls answered OK, scraped at (nearly) the same moment."""
     with ThreadPoolExecutor(len(replicas)) as pool:
-        return list(pool.map(lambda r: r.metric(), replicas))
+        return list(pool.map(lambda r: r.metric(OK_TYPED), replicas))
 
 
 @pytest.mark.slow
@@ -77,14 +77,15 @@ def test_three_replicas_survive_sigterm_kill_and_restart_with_the_load_spread(re
             replicas[1].terminate()
             replicas[2].kill()
             assert replicas[1].wait(30) == 0 and replicas[2].proc.returncode == -9
-            alone_from, alone_ok = replicas[0].metric(), load.ok
+            alone_from, alone_ok = replicas[0].metric(OK_TYPED), load.ok
             time.sleep(1.0)
-            alone_to, alone_ok_to = replicas[0].metric(), load.ok
+            alone_to, alone_ok_to = replicas[0].metric(OK_TYPED), load.ok
 
             # Phase 3: both come back on their old ports; the client finds them again by itself.
             restarted = start_all(repository, 2, ports=ports[1:], metrics_ports=metrics_ports[1:])
             live = [replicas[0], *restarted]
-            assert wait_until(lambda: min(r.metric() for r in restarted) >= 5, 20), "restarted replicas got no calls"
+            called = wait_until(lambda: min(r.metric(OK_TYPED) for r in restarted) >= 5, 20)
+            assert called, "restarted replicas got no calls"
             start_counts, start3_ok = _served(live), load.ok
             time.sleep(PHASE_S)
             end_counts, end3_ok = _served(live), load.ok

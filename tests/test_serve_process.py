@@ -9,6 +9,7 @@ import sys
 import grpc
 import pytest
 
+from fusionserve.process import ServerNotStarted
 from fusionserve.server.settings import ServerSettings
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
@@ -103,3 +104,10 @@ def test_cuda_device_serves_every_model_on_the_gpu(repository, samples):
 def test_a_bad_environment_value_names_the_setting_and_variable():
     with pytest.raises(ValueError, match="FUSIONSERVE_PORT.*tcp://10.0.0.1:8001"):
         ServerSettings.load(None, env={"FUSIONSERVE_PORT": "tcp://10.0.0.1:8001"})
+
+
+def test_server_process_that_cannot_start_raises_with_the_servers_own_message(tmp_path):
+    """The shared launcher (demo, bench, tests) reports why, from the server's log, and leaves no child."""
+    with pytest.raises(ServerNotStarted, match="is not a directory") as caught:
+        ServerProcess(tmp_path / "missing")
+    assert "fusionserve serve" in str(caught.value)
