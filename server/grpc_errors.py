@@ -103,20 +103,29 @@ def _checked(requests: Any, method: str) -> Any:
     return iterate()
 
 
+def _prepared(request: Any, method: str) -> Any:
+    """The request, or the error for a message that did not parse; a request stream gets checked as it is read."""
+    if isinstance(request, _Malformed):
+        raise _malformed_error(method, request)
+    if not hasattr(request, "DESCRIPTOR"):  # a request stream
+        return _checked(request, method)
+    return request
+
+
+async def _abort(e: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    _log_unexpected(e, method)
+    code, message = status_of(e)
+    await context.abort(code, message)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            if isinstance(request, _Malformed):
-                raise _malformed_error(method, request)
-            if not hasattr(request, "DESCRIPTOR"):  # a request stream
-                request = _checked(request, method)
-            return await behavior(request, context)
+            return await behavior(_prepared(request, method), context)
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            _log_unexpected(e, method)
-            code, message = status_of(e)
-            await context.abort(code, message)
+            await _abort(e, context, method)
 
     return wrapper
 
@@ -124,18 +133,12 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            if isinstance(request, _Malformed):
-                raise _malformed_error(method, request)
-            if not hasattr(request, "DESCRIPTOR"):  # a request stream
-                request = _checked(request, method)
-            async for response in behavior(request, context):
+            async for response in behavior(_prepared(request, method), context):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            _log_unexpected(e, method)
-            code, message = status_of(e)
-            await context.abort(code, message)
+            await _abort(e, context, method)
 
     return wrapper
 
