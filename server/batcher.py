@@ -198,6 +198,26 @@ class DynamicBatcher:
             self._busy = bool(self._queue) or len(batch) > 1
             await self._run_batch(batch, loop)
 
+    async def _run_each_alone(self, live: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
+        """After a merged batch failed: each request on its own, so the failure stays with its cause."""
+        for work in live:
+            if work.future.done():
+                continue
+            try:
+                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, work.inputs)
+            except Exception as e:
+                if not isinstance(e, InvalidInputError):
+                    logger.exception("model %r failed on a request of %d rows", self.name, work.size)
+                if not work.future.done():
+                    work.future.set_exception(e)
+                continue
+            self.batches_run += 1
+            self.items_run += work.size
+            if self._stats.on_batch:
+                self._stats.on_batch(work.size, run_s)
+            if not work.future.done():
+                work.future.set_result(outputs)
+
     async def _run_batch(self, batch: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         live = []
@@ -233,11 +253,16 @@ class DynamicBatcher:
                 outputs, run_s = self._timed_run(merged)
             else:
                 outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, merged)
-        except Exception as e:  # fan the failure out to every waiter
-            logger.exception("model %r failed on a batch of %d", self.name, rows)
-            for work in live:
-                if not work.future.done():
-                    work.future.set_exception(e)
+        except Exception as e:
+            if len(live) > 1:
+                # One caller's bad values must not fail the others batched with it: run each alone.
+                self._running = False
+                await self._run_each_alone(live, loop)
+                return
+            if not isinstance(e, InvalidInputError):
+                logger.exception("model %r failed on a batch of %d", self.name, rows)
+            if not live[0].future.done():
+                live[0].future.set_exception(e)
             return
         finally:
             self._running = False

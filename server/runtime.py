@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from fusionserve.errors import RepositoryError
+from fusionserve.errors import InvalidInputError, RepositoryError
 from fusionserve.repository import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,20 @@ class OnnxModel:
             )
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; inputs and outputs are keyed by tensor name."""
+        """Run one batch; inputs and outputs are keyed by tensor name.
+
+        Raises:
+            InvalidInputError: onnxruntime refused the values (names, types and shapes were checked
+                before, so this is about content, e.g. a token id outside the embedding's range).
+        """
+        try:
+            return self._run(inputs)
+        except InvalidArgument as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            message = f"model {self.config.name!r}: onnxruntime rejected the input values: {detail}"
+            raise InvalidInputError(message) from e
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._use_binding:
             binding = self.session.io_binding()
             for name, value in inputs.items():

@@ -121,6 +121,23 @@ async def test_a_failing_batch_fails_every_caller_in_it():
     await b.aclose()
 
 
+async def test_one_callers_bad_values_fail_only_that_caller_not_the_batch_it_shared():
+    def run(inputs):  # a real model would refuse such values (an index out of range, say)
+        x = inputs["x"]
+        if (x < 0).any():
+            raise InvalidInputError("negative values")
+        return {"y": x * 2}
+
+    b = await make(run, max_batch_size=8)
+    values = [np.full((1, 1), float(i)) for i in range(6)] + [np.full((1, 1), -1.0)]
+    results = await asyncio.gather(*(b.submit({"x": v}) for v in values), return_exceptions=True)
+    assert isinstance(results[-1], InvalidInputError)
+    for v, out in zip(values[:-1], results[:-1], strict=True):
+        assert np.array_equal(out["y"], v * 2)
+    assert b.batches_run == 6  # the merged batch failed, then each good request ran alone
+    await b.aclose()
+
+
 async def test_closed_batcher_refuses_and_fails_queued_work():
     rec = Recorder(delay_s=0.2)
     b = await make(rec, max_batch_size=1)
