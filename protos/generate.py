@@ -13,7 +13,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
-PROTOS = ("fusionserve/v1/fusion.proto", "fusionserve/v2/grpc_service.proto")
+PROTOS = ("fusionserve/v1/fusion.proto", "fusionserve/v2/model_config.proto", "fusionserve/v2/grpc_service.proto")
 
 
 def generate(out: Path = ROOT) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class ServingCore:
         for config in configs.values():
             if config.platform == PLATFORM_PIPELINE:
                 await self._load_pipeline(repo, config)
+        self.metrics.reset_totals()  # the statistics count served requests, not the warm-up runs
         ready = [e for e in self._entries.values() if e.state == READY]
         for entry in self._entries.values():
             if entry.state == FAILED:
@@ -304,9 +306,11 @@ class ServingCore:
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
         entry, pipeline = self.pipeline(name, version)
+        started = time.perf_counter()
         result = await pipeline.run(
             images, texts, deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room
         )
+        self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
         return entry, result
 
     async def embed(
@@ -331,7 +335,9 @@ class ServingCore:
         if entry.pipeline is not None:
             images = [_as_bytes(x, "IMAGE") for x in inputs["IMAGE"].reshape(-1)]
             texts = [_as_text(x, i) for i, x in enumerate(inputs["TEXT"].reshape(-1))]
+            started = time.perf_counter()
             result = await entry.pipeline.run(images, texts, deadline=deadline)
+            self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
             labels = np.array(
                 [result.label_of(row)[1].encode() for row in range(len(result.ok))], dtype=np.object_
             )

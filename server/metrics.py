@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -15,8 +17,47 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+@dataclass
+class ModelTotals:
+    """Running totals of one model since the server started, as the V2 statistics extension reports them.
+
+    Durations are in nanoseconds. A tensor model's executions are its batches (``compute`` per
+    batch, ``queue`` per request); a pipeline's are its runs (one per request, ``compute`` the
+    whole run, ``queue`` counted with no time), and its steps count their own batches under their
+    own names.
+    """
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0  # rows inferred
+    execution_count: int = 0  # batches (tensor models) or runs (pipelines)
+    last_inference_ms: int = 0  # since the epoch
+    by_batch_size: dict[int, list[int]] = field(default_factory=dict)  # rows → [executions, compute ns]
+
+    def executed(self, rows: int, seconds: float) -> None:
+        """One execution of ``rows`` rows that took ``seconds``."""
+        ns = int(seconds * 1e9)
+        self.inference_count += rows
+        self.execution_count += 1
+        self.compute_count += 1
+        self.compute_ns += ns
+        entry = self.by_batch_size.setdefault(rows, [0, 0])
+        entry[0] += 1
+        entry[1] += ns
+
+
 class Metrics:
-    """The server's metrics; names start with ``fusionserve_``."""
+    """The server's metrics; names start with ``fusionserve_``.
+
+    Besides the Prometheus registry it keeps :class:`ModelTotals` per model, which the V2
+    ``ModelStatistics`` RPC reports (Triton's statistics extension, read by perf_analyzer).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -42,8 +83,21 @@ class Metrics:
         )
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r)
         self.queued = Gauge("fusionserve_queued_items", "Items waiting in batch queues", ["model"], registry=r)
+        self.totals: dict[str, ModelTotals] = {}
         self._http: Any = None
         self.port: int | None = None
+
+    def reset_totals(self) -> None:
+        """Zero every model's :class:`ModelTotals` (in place: the batchers' hooks hold them)."""
+        for totals in self.totals.values():
+            totals.__dict__.update(ModelTotals().__dict__)
+
+    def totals_of(self, model: str) -> ModelTotals:
+        """The running totals of ``model`` (created on first use)."""
+        totals = self.totals.get(model)
+        if totals is None:
+            totals = self.totals[model] = ModelTotals()
+        return totals
 
     def batch_stats(self, model: str) -> BatchStats:
         """Hooks for one model's batcher."""
@@ -53,18 +107,44 @@ class Metrics:
             self.queue_time.labels(model),
         )
         items = self.items.labels(model)
+        totals = self.totals_of(model)
 
         def on_batch(rows: int, seconds: float) -> None:
             compute.observe(seconds)
             size.observe(rows)
             items.inc(rows)
+            totals.executed(rows, seconds)
 
-        return BatchStats(on_batch=on_batch, on_queue_time=queue.observe)
+        def on_queue_time(seconds: float) -> None:
+            queue.observe(seconds)
+            totals.queue_count += 1
+            totals.queue_ns += int(seconds * 1e9)
+
+        return BatchStats(on_batch=on_batch, on_queue_time=on_queue_time)
+
+    def pipeline_run(self, model: str, rows: int, seconds: float) -> None:
+        """Count one run of a pipeline over ``rows`` items (its steps count their own batches)."""
+        self.items.labels(model).inc(rows)
+        totals = self.totals_of(model)
+        totals.executed(rows, seconds)
+        # No queue of its own (its steps queue, in their own totals), but counted as queued once with
+        # no wait, as Triton counts an ensemble's requests: clients find the model's active version so.
+        totals.queue_count += 1
 
     def observe(self, model: str, api: str, code: str, seconds: float) -> None:
         """Count one finished request."""
         self.requests.labels(model, api, code).inc()
         self.latency.labels(model, api).observe(seconds)
+        if model == "_unknown":
+            return
+        totals = self.totals_of(model)
+        if code == "OK":
+            totals.success_count += 1
+            totals.success_ns += int(seconds * 1e9)
+        else:
+            totals.fail_count += 1
+            totals.fail_ns += int(seconds * 1e9)
+        totals.last_inference_ms = int(time.time() * 1000)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter; returns the bound port."""

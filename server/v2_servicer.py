@@ -42,22 +42,25 @@ import grpc
 import numpy as np
 
 from fusionserve import __version__
-from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError
+from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from fusionserve.repository import DATATYPES, ModelConfig
 from fusionserve.server.core import READY, ModelEntry, ServingCore, deadline_from
 from fusionserve.server.grpc_errors import status_of
+from fusionserve.server.metrics import ModelTotals
 from fusionserve.server.streams import answer_concurrently
 from fusionserve.server.tracking import track
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from fusionserve.v2 import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "fusionserve"
-# Triton names no extension for gRPC streaming, and we implement none of the named ones
-# (classification, sequence, shared memory, model repository, statistics, ...): advertise none.
-EXTENSIONS: tuple[str, ...] = ()
+# Triton names no extension for gRPC streaming. Of the named ones we implement the model
+# configuration and statistics RPCs (what perf_analyzer asks for); not classification, sequence,
+# shared memory, model repository, trace or logging.
+EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics")
 
 # The typed contents field of each datatype, as the protocol assigns them. FP16 has none: raw only.
 CONTENTS_FIELD: dict[str, str] = {
@@ -284,6 +287,8 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             array = _from_raw(name, tensor.datatype, shape, count, raw[index])
         else:
             array = _from_contents(name, tensor.datatype, shape, count, tensor.contents)
+        if spec is not None and len(spec.shape) == 1 and len(shape) == 2 and shape[1] == 1:
+            shape = shape[:1]  # [n, 1] for a one-value-per-row tensor: Triton's dims [1] + reshape [] (ModelConfig)
         arrays[tensor.name] = array.reshape(shape)
     return arrays
 
@@ -353,12 +358,98 @@ def encode_response(
     return response
 
 
-def tensor_metadata(specs: Sequence[Any]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-    """Describe a model's TensorSpecs as TensorMetadata messages."""
-    return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in specs]
+def input_shape(shape: Sequence[int]) -> list[int]:
+    """The shape an input is described with: one value per batch row (``[-1]``) is ``[-1, 1]``.
+
+    That is Triton's form for such a tensor (``dims: [1]`` in its model configuration, where dims may
+    not be empty), and perf_analyzer builds its requests from it. :func:`decode_inputs` takes both
+    ``[n, 1]`` and ``[n]``, so clients written against either form work.
+    """
+    return [*shape, 1] if len(shape) == 1 else list(shape)
+
+
+def tensor_metadata(specs: Sequence[Any], *, inputs: bool = False) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """Describe a model's TensorSpecs as TensorMetadata messages (``inputs``: see :func:`input_shape`)."""
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=t.name, datatype=t.datatype, shape=input_shape(t.shape) if inputs else t.shape
+        )
+        for t in specs
+    ]
 
 
 # ---- the servicer ------------------------------------------------------------------------------
+def _config_datatype(datatype: str) -> int:
+    """A V2 datatype as Triton's model configuration names it (BYTES is TYPE_STRING there)."""
+    return int(mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+
+
+def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, shape: Sequence[int], max_batch: int) -> None:
+    """Triton's dims: the shape without its batch dimension when the model batches.
+
+    A tensor of one value per batch row (shape ``[-1]``) is ``dims: [1]`` with ``reshape: []``, as in
+    Triton, where dims may not be empty: clients send ``[n, 1]``, which :func:`decode_inputs` takes as ``[n]``.
+    """
+    if max_batch <= 0:
+        tensor.dims.extend(shape)
+    elif len(shape) == 1:
+        tensor.dims.append(1)
+        tensor.reshape.SetInParent()
+    else:
+        tensor.dims.extend(shape[1:])
+
+
+def model_config(entry: ModelEntry) -> mc.ModelConfig:
+    """Triton's ``ModelConfig`` for a loaded model: tensors without the batch dimension, batching settings."""
+    if entry.config is None:
+        raise ModelNotReadyError(f"model {entry.name!r} v{entry.version} is {entry.state}: {entry.reason}")
+    config = entry.config
+    max_batch = entry.max_batch_size
+    out = mc.ModelConfig(
+        name=entry.name,
+        platform=config.platform,
+        backend="onnxruntime" if entry.model is not None else "fusionserve",
+        max_batch_size=max_batch,
+        default_model_filename=config.model_file or "",
+    )
+    for spec in config.inputs:
+        tensor = out.input.add(name=spec.name, data_type=_config_datatype(spec.datatype))
+        _set_dims(tensor, spec.shape, max_batch)
+    for spec in config.outputs:
+        tensor = out.output.add(name=spec.name, data_type=_config_datatype(spec.datatype))
+        _set_dims(tensor, spec.shape, max_batch)
+    if entry.batcher is not None:
+        out.dynamic_batching.max_queue_delay_microseconds = round(entry.batcher.max_queue_delay_s * 1e6)
+    return out
+
+
+def model_statistics(entry: ModelEntry, totals: ModelTotals | None) -> pb.ModelStatistics:
+    """Triton's ``ModelStatistics`` from the running totals of ``entry``'s model (zeros when unused)."""
+    t = totals or ModelTotals()
+    stats = pb.ModelStatistics(
+        name=entry.name,
+        version=str(entry.version),
+        last_inference=t.last_inference_ms,
+        inference_count=t.inference_count,
+        execution_count=t.execution_count,
+    )
+    s = stats.inference_stats
+    s.success.count, s.success.ns = t.success_count, t.success_ns
+    s.fail.count, s.fail.ns = t.fail_count, t.fail_ns
+    s.queue.count, s.queue.ns = t.queue_count, t.queue_ns
+    # One onnxruntime run covers input, inference and output: its time is all in compute_infer, and
+    # compute_input/compute_output carry the same count with 0 ns (clients check the counts agree).
+    for part in (s.compute_input, s.compute_infer, s.compute_output):
+        part.count = t.compute_count
+    s.compute_infer.ns = t.compute_ns
+    for rows, (count, ns) in sorted(t.by_batch_size.items()):
+        batch = stats.batch_stats.add(batch_size=rows)
+        for part in (batch.compute_input, batch.compute_infer, batch.compute_output):
+            part.count = count
+        batch.compute_infer.ns = ns
+    return stats
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Thin Open Inference Protocol layer over :class:`ServingCore`."""
 
@@ -402,9 +493,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelMetadataResponse(name=entry.name, versions=[str(v) for v in self.core.versions(entry.name)])
         if entry.config is not None:
             response.platform = entry.config.platform
-            response.inputs.extend(tensor_metadata(entry.config.inputs))
+            response.inputs.extend(tensor_metadata(entry.config.inputs, inputs=True))
             response.outputs.extend(tensor_metadata(entry.config.outputs))
         return response
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """A model version's configuration in Triton's form (latest version when version is '')."""
+        entry = self.core.find(request.name, parse_version(request.version))
+        return pb.ModelConfigResponse(config=model_config(entry))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Counts and cumulative times since the server started: one model, or every model when name is ''.
+
+        Totals are kept per model name; they are reported under the version asked for (the latest
+        ready one when none is).
+        """
+        if request.name:
+            entries = [self.core.find(request.name, parse_version(request.version))]
+        else:
+            if request.version:
+                raise InvalidInputError("ModelStatistics: a version needs a model name")
+            entries = [self.core.find(name) for name in sorted({e.name for e in self.core.entries()})]
+        totals = self.core.metrics.totals
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(e, totals.get(e.name)) for e in entries])
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         entry = self.core.get(request.model_name, parse_version(request.model_version))

@@ -18,6 +18,7 @@ from fusionserve import __version__
 from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from fusionserve.v2 import model_config_pb2 as mc
 
 MODELS = ("image_encoder", "text_encoder", "fusion", "multimodal")
 TYPED_FIELD = {"FP32": "fp32_contents", "INT32": "int_contents", "BYTES": "bytes_contents"}
@@ -138,7 +139,8 @@ def test_server_live_ready_and_metadata(stub):
     assert stub.ServerLive(pb.ServerLiveRequest()).live
     assert stub.ServerReady(pb.ServerReadyRequest()).ready
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
-    assert (meta.name, meta.version, list(meta.extensions)) == ("fusionserve", __version__, [])
+    assert (meta.name, meta.version) == ("fusionserve", __version__)
+    assert list(meta.extensions) == ["model_configuration", "statistics"]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -160,18 +162,21 @@ def test_model_metadata_matches_the_repository(stub, repository, model):
     config = config_of(repository, model)
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
     assert (meta.name, list(meta.versions), meta.platform) == (model, ["1"], config["platform"])
-    for got, want in ((meta.inputs, config["inputs"]), (meta.outputs, config["outputs"])):
-        assert [(t.name, t.datatype, list(t.shape)) for t in got] == [
-            (t["name"], t["datatype"], t["shape"]) for t in want
-        ]
+    # An input of one value per row ([-1] in the repository) is described as [-1, 1], Triton's form.
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        (t["name"], t["datatype"], t["shape"] + [1] if len(t["shape"]) == 1 else t["shape"]) for t in config["inputs"]
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        (t["name"], t["datatype"], t["shape"]) for t in config["outputs"]
+    ]
     assert stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version="1")) == meta
 
 
 def test_multimodal_metadata_is_the_documented_interface(stub):
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="multimodal"))
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("IMAGE", "BYTES", [-1]),
-        ("TEXT", "BYTES", [-1]),
+        ("IMAGE", "BYTES", [-1, 1]),
+        ("TEXT", "BYTES", [-1, 1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("PROBABILITIES", "FP32", [-1, 2]),
@@ -242,6 +247,84 @@ def test_multimodal_round_trip(stub, samples, repository, typed):
     out = decode(response)
     np.testing.assert_allclose(out["PROBABILITIES"].sum(axis=1), 1.0, rtol=1e-5)
     assert [x.decode() for x in out["LABEL"]] == [labels[i] for i in out["PROBABILITIES"].argmax(axis=1)]
+
+
+def test_multimodal_takes_its_inputs_as_n_by_1_too(stub, samples):
+    """[n, 1] is how the metadata describes IMAGE and TEXT (Triton's form); [n] stays accepted."""
+    flat = multimodal_inputs(samples, 3)
+    column = {name: (datatype, array.reshape(-1, 1)) for name, (datatype, array) in flat.items()}
+    a = decode(stub.ModelInfer(make_request("multimodal", flat), timeout=30))
+    b = decode(stub.ModelInfer(make_request("multimodal", column), timeout=30))
+    np.testing.assert_array_equal(a["PROBABILITIES"], b["PROBABILITIES"])
+    assert list(a["LABEL"]) == list(b["LABEL"])
+
+
+# ---- ModelConfig and ModelStatistics (Triton's extensions, what perf_analyzer reads) -------------
+CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_config_describes_the_repositorys_model(stub, repository, model):
+    want = config_of(repository, model)
+    config = stub.ModelConfig(pb.ModelConfigRequest(name=model)).config
+    assert (config.name, config.platform, config.max_batch_size) == (model, want["platform"], want["max_batch_size"])
+    assert config.backend == ("fusionserve" if model == "multimodal" else "onnxruntime")
+    for got, declared in ((config.input, want["inputs"]), (config.output, want["outputs"])):
+        assert [t.name for t in got] == [t["name"] for t in declared]
+        for tensor, spec in zip(got, declared, strict=True):
+            assert tensor.data_type == CONFIG_TYPES[spec["datatype"]]
+            # Without the batch dimension; one value per row is dims [1] with an empty reshape.
+            assert list(tensor.dims) == (spec["shape"][1:] or [1])
+            assert tensor.HasField("reshape") == (len(spec["shape"]) == 1)
+    assert config.HasField("dynamic_batching") == (model != "multimodal")
+    assert stub.ModelConfig(pb.ModelConfigRequest(name=model, version="1")) == pb.ModelConfigResponse(config=config)
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "code"),
+    [("no_such_model", "", grpc.StatusCode.NOT_FOUND), ("fusion", "7", grpc.StatusCode.NOT_FOUND),
+     ("fusion", "x", grpc.StatusCode.INVALID_ARGUMENT)],
+)  # fmt: skip
+def test_model_config_and_statistics_errors(stub, name, version, code):
+    for call, request in ((stub.ModelConfig, pb.ModelConfigRequest), (stub.ModelStatistics, pb.ModelStatisticsRequest)):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request(name=name, version=version))
+        assert info.value.code() == code
+
+
+def _stats(stub, name: str = "") -> dict[str, pb.ModelStatistics]:
+    return {s.name: s for s in stub.ModelStatistics(pb.ModelStatisticsRequest(name=name)).model_stats}
+
+
+def test_model_statistics_count_what_was_served(stub, samples, tensor_inputs):
+    before = _stats(stub)
+    assert set(before) == set(MODELS) and all(s.version == "1" for s in before.values())
+    stub.ModelInfer(make_request("multimodal", multimodal_inputs(samples, 3)), timeout=30)
+    stub.ModelInfer(make_request("multimodal", multimodal_inputs(samples, 2, start=3)), timeout=30)
+    bad = multimodal_inputs(samples, 1)
+    bad["IMAGE"] = ("BYTES", np.array([b"not an image"], np.object_))
+    infer_error(stub, make_request("multimodal", bad))
+    after = _stats(stub)
+    pipe, pipe0 = after["multimodal"], before["multimodal"]
+    assert pipe.inference_stats.success.count - pipe0.inference_stats.success.count == 2
+    assert pipe.inference_stats.fail.count - pipe0.inference_stats.fail.count == 1
+    assert pipe.inference_count - pipe0.inference_count == 5  # items of the successful runs
+    assert pipe.execution_count - pipe0.execution_count == 2
+    assert pipe.inference_stats.queue.count - pipe0.inference_stats.queue.count == 2
+    assert pipe.inference_stats.success.ns > pipe0.inference_stats.success.ns
+    assert pipe.last_inference > 0 and pipe.last_inference >= pipe0.last_inference
+    # Its steps count their own batches; a step's counts agree with its per-batch-size breakdown.
+    image, image0 = after["image_encoder"], before["image_encoder"]
+    assert image.inference_count - image0.inference_count >= 5
+    assert image.execution_count == sum(b.compute_infer.count for b in image.batch_stats)
+    assert image.inference_count == sum(b.batch_size * b.compute_infer.count for b in image.batch_stats)
+    for part in ("compute_input", "compute_output"):  # perf_analyzer requires the three counts to agree
+        assert getattr(image.inference_stats, part).count == image.inference_stats.compute_infer.count
+    # A direct V2 call on a tensor model: one request, queued once.
+    stub.ModelInfer(make_request("fusion", tensor_inputs["fusion"]), timeout=30)
+    fusion = _stats(stub, "fusion")["fusion"]
+    assert fusion.inference_stats.success.count - after["fusion"].inference_stats.success.count == 1
+    assert fusion.inference_stats.queue.count > after["fusion"].inference_stats.queue.count
 
 
 def test_multimodal_matches_typed_classify(server, stub, samples):
@@ -545,6 +628,12 @@ def case_binary_data_output_not_bool(s):
     return request
 
 
+def case_token_out_of_the_vocabulary(s):
+    tokens = np.zeros((1, 100), np.int32)
+    tokens[0, 3] = 10**6  # the embedding has 10,000 rows: onnxruntime refuses the index
+    return make_request("text_encoder", {"tokens": ("INT32", tokens)})
+
+
 def case_empty_batch(s):
     return make_request("image_encoder", {"image": ("FP32", np.zeros((0, 64, 64, 3), np.float32))})
 
@@ -582,6 +671,7 @@ ERROR_CASES = [
     (case_shared_memory, INVALID, "'image'"),
     (case_binary_data_output_not_bool, INVALID, "binary_data_output"),
     (case_empty_batch, INVALID, "empty"),
+    (case_token_out_of_the_vocabulary, INVALID, "onnxruntime rejected the input values"),
 ]
 
 

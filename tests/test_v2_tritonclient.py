@@ -22,6 +22,7 @@ SCENARIOS_SCRIPT = Path(__file__).resolve().parent / "tritonclient_scenarios.py"
 SCENARIOS = [
     "health",
     "metadata",
+    "config_and_statistics",
     "infer_tensor_models",
     "infer_multimodal",
     "requested_outputs",

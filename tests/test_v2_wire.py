@@ -17,11 +17,25 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 
-def describe(file_descriptor: Any) -> dict[str, Any]:
-    """Messages (nested ones and map entries included) and services of a proto file, as plain data."""
+def describe(*file_descriptors: Any) -> dict[str, Any]:
+    """Messages (nested ones and map entries included), enums and services of proto files, as plain data."""
+    out: dict[str, Any] = {"messages": {}, "enums": {}, "services": {}}
+    for file_descriptor in file_descriptors:
+        part = _describe_file(file_descriptor)
+        for key in ("messages", "enums", "services"):
+            out[key].update(part[key])
+        out["package"], out["syntax"] = part["package"], part["syntax"]
+    return out
+
+
+def _describe_file(file_descriptor: Any) -> dict[str, Any]:
     proto = descriptor_pb2.FileDescriptorProto()
     file_descriptor.CopyToProto(proto)
     messages: dict[str, list[dict[str, Any]]] = {}
+    enums: dict[str, dict[str, int]] = {}
+
+    def visit_enum(enum: descriptor_pb2.EnumDescriptorProto, prefix: str) -> None:
+        enums[f"{prefix}.{enum.name}"] = {v.name: v.number for v in enum.value}
 
     def visit(message: descriptor_pb2.DescriptorProto, prefix: str) -> None:
         name = f"{prefix}.{message.name}"
@@ -39,9 +53,13 @@ def describe(file_descriptor: Any) -> dict[str, Any]:
         ]
         for nested in message.nested_type:
             visit(nested, name)
+        for enum in message.enum_type:
+            visit_enum(enum, name)
 
     for message in proto.message_type:
         visit(message, f".{proto.package}")
+    for enum in proto.enum_type:
+        visit_enum(enum, f".{proto.package}")
     services = {
         f"{proto.package}.{s.name}": {
             m.name: {
@@ -54,14 +72,16 @@ def describe(file_descriptor: Any) -> dict[str, Any]:
         }
         for s in proto.service
     }
-    return {"package": proto.package, "syntax": proto.syntax, "messages": messages, "services": services}
+    return {
+        "package": proto.package, "syntax": proto.syntax, "messages": messages, "enums": enums, "services": services
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def ours() -> dict[str, Any]:
-    from fusionserve.v2 import grpc_service_pb2
+    from fusionserve.v2 import grpc_service_pb2, model_config_pb2
 
-    return describe(grpc_service_pb2.DESCRIPTOR)
+    return describe(grpc_service_pb2.DESCRIPTOR, model_config_pb2.DESCRIPTOR)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +117,14 @@ def test_every_message_and_field_of_ours_is_on_the_wire_as_tritonclient_expects(
         numbers = [f["number"] for f in fields]
         assert len(numbers) == len(set(numbers)), f"{message}: duplicate field numbers"
     assert not problems, "\n".join(problems)
-    assert len(ours["messages"]) >= 20  # the comparison really covered the proto
+    assert len(ours["messages"]) >= 30  # the comparison really covered both protos
+    assert ".inference.ModelConfig" in ours["messages"] and ".inference.ModelStatistics" in ours["messages"]
+
+
+def test_every_enum_value_of_ours_is_tritonclients(ours, theirs):
+    assert set(ours["enums"]) == {".inference.DataType", ".inference.ModelInput.Format"}
+    for enum, values in ours["enums"].items():
+        assert theirs["enums"].get(enum, {}) | values == theirs["enums"].get(enum), enum
 
 
 def test_every_rpc_we_implement_matches(ours, theirs):
@@ -114,6 +141,8 @@ def test_every_rpc_we_implement_matches(ours, theirs):
         "ModelMetadata",
         "ModelInfer",
         "ModelStreamInfer",
+        "ModelConfig",
+        "ModelStatistics",
     }
     assert ours["services"][service]["ModelStreamInfer"]["client_streaming"]
     assert ours["services"][service]["ModelStreamInfer"]["server_streaming"]
@@ -130,6 +159,6 @@ def test_the_servicer_implements_every_rpc_of_the_proto():
 
 
 if __name__ == "__main__":
-    from tritonclient.grpc import service_pb2
+    from tritonclient.grpc import model_config_pb2, service_pb2
 
-    json.dump(describe(service_pb2.DESCRIPTOR), sys.stdout)
+    json.dump(describe(service_pb2.DESCRIPTOR, model_config_pb2.DESCRIPTOR), sys.stdout)

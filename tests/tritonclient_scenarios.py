@@ -88,12 +88,42 @@ def metadata(url: str, repository: Path) -> None:
         want = config(repository, model)
         meta = client.get_model_metadata(model)
         assert meta.name == model and list(meta.versions) == ["1"] and meta.platform == want["platform"]
-        for got, declared in ((meta.inputs, want["inputs"]), (meta.outputs, want["outputs"])):
-            assert [(t.name, t.datatype, list(t.shape)) for t in got] == [
-                (t["name"], t["datatype"], t["shape"]) for t in declared
-            ], (got, declared)
+        # One value per row ([-1] in the repository) is described as [-1, 1], Triton's form for it.
+        declared_in = [(t["name"], t["datatype"], t["shape"] + [1] if len(t["shape"]) == 1 else t["shape"])
+                       for t in want["inputs"]]  # fmt: skip
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == declared_in, meta.inputs
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+            (t["name"], t["datatype"], t["shape"]) for t in want["outputs"]
+        ], meta.outputs
         as_json = client.get_model_metadata(model, model_version="1", as_json=True)
         assert as_json["name"] == model
+    client.close()
+
+
+@scenario
+def config_and_statistics(url: str, repository: Path) -> None:
+    """Triton's model configuration and statistics extensions, read through tritonclient's own types."""
+    client = grpcclient.InferenceServerClient(url)
+    for model in MODELS:
+        want = config(repository, model)
+        got = client.get_model_config(model).config
+        assert (got.name, got.max_batch_size) == (model, want["max_batch_size"]), got
+        assert [(t.name, list(t.dims)) for t in got.input] == [
+            (t["name"], t["shape"][1:] or [1]) for t in want["inputs"]
+        ], got.input
+        as_json = client.get_model_config(model, as_json=True)
+        assert as_json["config"]["name"] == model, as_json
+    images, texts = samples(3)
+    before = client.get_inference_statistics("multimodal").model_stats[0]
+    client.infer("multimodal", multimodal_inputs(images, texts))
+    after = client.get_inference_statistics("multimodal").model_stats[0]
+    assert (after.name, after.version) == ("multimodal", "1")
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+    assert after.inference_count == before.inference_count + 3
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert sorted(s["name"] for s in every) == sorted(MODELS), every
+    expect_error("NOT_FOUND", "no_such_model", lambda: client.get_model_config("no_such_model"))
+    expect_error("NOT_FOUND", "no_such_model", lambda: client.get_inference_statistics("no_such_model"))
     client.close()
 
 
