@@ -156,6 +156,24 @@ def test_v2_random_tensors_wrong_shapes_and_non_finite_values(v2, data):
 
 
 @FUZZ
+@given(data=st.data())
+def test_v2_well_formed_token_tensors_with_any_values(v2, data):
+    """Right name, type and shape, any int32 values: a token outside the vocabulary is the caller's error."""
+    pb2, stub = v2
+    rows = data.draw(st.integers(1, 3))
+    in_range = st.integers(0, 9_999)
+    tokens = data.draw(st.lists(st.one_of(in_range, st.integers(-(2**31), 2**31 - 1)), min_size=rows * 100,
+                                max_size=rows * 100))  # fmt: skip
+    request = pb2.ModelInferRequest(model_name="text_encoder")
+    request.inputs.add(name="tokens", datatype="INT32", shape=[rows, 100]).contents.int_contents.extend(tokens)
+    code = _status(lambda: stub.ModelInfer(request, timeout=10))
+    if all(0 <= t < 10_000 for t in tokens):
+        assert code == grpc.StatusCode.OK
+    else:
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT)  # onnxruntime takes -10000..-1 too
+
+
+@FUZZ
 @given(values=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, 1e38, -1e38]), min_size=64,
                        max_size=64))  # fmt: skip
 def test_v2_non_finite_features_never_crash_the_fusion_model(v2, values):
