@@ -1,0 +1,162 @@
+"""Triton's perf_analyzer, unchanged, against fusionserve: throughput, latency, and the server's own statistics.
+
+perf_analyzer reads ModelMetadata, ModelConfig and ModelStatistics, then drives ModelInfer (or
+ModelStreamInfer with --streaming); fusionserve answers all of them (Triton's model configuration
+and statistics extensions), so the load tool SREs already use for Triton works unchanged. The
+binary ships in the tritonclient 2.41.1 wheel (the perf-analyzer package on PyPI is a placeholder);
+it loads libcudart (no GPU is used) and needs libb64:
+
+    apt-get install -y libb64-0d          # once, as root
+    python bench/perf_analyzer.py [--models image_encoder multimodal] [--concurrency 1 8] [--streaming]
+                                  [--window-ms 3000] [--repository REPO] [--perf-analyzer PATH] [--smoke]
+
+The first run installs tritonclient (without its dependencies) and the CUDA runtime library into
+bench/results/perf-venv. For ``multimodal`` it writes an --input-data file of real PNG images and
+captions (IMAGE as base64 of the BYTES wire form: a 4-byte little-endian length, then the bytes).
+Prints one row per model and concurrency: client throughput and latency percentiles, and the
+server-side split perf_analyzer reads from ModelStatistics (queue, compute). ``--smoke``: multimodal
+at concurrency 1, 1 s windows, for CI; where perf_analyzer cannot be installed or cannot run (libb64
+missing) it says why and exits 0, but a perf_analyzer run that fails against the server fails it.
+Writes ``bench/results/perf_analyzer[-smoke].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, ServerProcess, machine, repository, result_name, samples, write
+
+PERF_VENV = RESULTS / "perf-venv"
+TRITONCLIENT = "tritonclient==2.41.1"  # the last wheel that ships a working perf_analyzer
+
+
+def _venv_python() -> Path:
+    return PERF_VENV / "bin" / "python"
+
+
+def install() -> Path:
+    """perf_analyzer from the tritonclient wheel, in its own venv (once); the binary's path."""
+    binary = PERF_VENV / "bin" / "perf_analyzer"
+    if not binary.is_file():
+        print(f"[perf_analyzer] installing {TRITONCLIENT} and the CUDA runtime into {PERF_VENV} (once)", flush=True)
+        venv.create(PERF_VENV, with_pip=True)
+        pip = [str(_venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "--no-deps", TRITONCLIENT], check=True)
+        subprocess.run([*pip, "nvidia-cuda-runtime-cu12"], check=True)
+    return binary
+
+
+def library_path(binary: Path) -> str:
+    """LD_LIBRARY_PATH holding libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel beside the binary)."""
+    python = binary.parent / "python"
+    code = "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))"
+    found = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    paths = [found.stdout.strip()] if found.returncode == 0 else []
+    return os.pathsep.join([*paths, os.environ.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+
+
+def missing_libraries(binary: Path, env: dict[str, str]) -> list[str]:
+    """Shared libraries the binary needs and the loader cannot find (``ldd``)."""
+    if shutil.which("ldd") is None:
+        return []
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env).stdout
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
+def input_data(path: Path, n: int = 16) -> Path:
+    """perf_analyzer --input-data for ``multimodal``: real PNGs (BYTES wire form, base64) and captions."""
+    steps = [
+        {"IMAGE": {"b64": base64.b64encode(struct.pack("<I", len(img)) + img).decode()}, "TEXT": [text]}
+        for img, text in samples(n)
+    ]
+    path.write_text(json.dumps({"data": steps}))
+    return path
+
+
+def run_one(
+    binary: Path, env: dict[str, str], target: str, model: str, concurrency: int, args: argparse.Namespace, data: Path
+) -> dict[str, Any]:
+    """One perf_analyzer run at one concurrency; its CSV row (latencies in µs) and its exit status."""
+    csv_path = RESULTS / f"perf_analyzer-{model}-c{concurrency}.csv"
+    cmd = [str(binary), "-m", model, "-u", target, "-i", "grpc", "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--measurement-interval", str(args.window_ms), "-f", str(csv_path)]  # fmt: skip
+    if model == "multimodal":
+        cmd += ["--input-data", str(data)]
+    if args.streaming:
+        cmd.append("--streaming")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    row: dict[str, Any] = {"model": model, "concurrency": concurrency, "command": " ".join(cmd[:1] + cmd[3:]),
+                           "exit_status": done.returncode}  # fmt: skip
+    if done.returncode != 0 or not csv_path.is_file():
+        row["error"] = (done.stdout + done.stderr).strip()[-2000:]
+        return row
+    with csv_path.open() as f:
+        (values,) = list(csv.DictReader(f))
+    csv_path.unlink()
+    row.update({k: float(v) for k, v in values.items()})
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path)
+    parser.add_argument("--models", nargs="+", default=["image_encoder", "multimodal"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer --measurement-interval")
+    parser.add_argument("--streaming", action="store_true", help="ModelStreamInfer instead of ModelInfer")
+    parser.add_argument("--perf-analyzer", type=Path, help="a perf_analyzer binary (default: install one)")
+    parser.add_argument("--smoke", action="store_true", help="multimodal at concurrency 1, 1 s windows (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.models, args.concurrency, args.window_ms = ["multimodal"], [1], 1000
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    try:
+        binary = args.perf_analyzer or install()
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"perf_analyzer could not be installed: {e}")
+        return 0 if args.smoke else 1
+    env = {**os.environ, "LD_LIBRARY_PATH": library_path(binary)}
+    if missing := missing_libraries(binary, env):
+        print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
+        return 0 if args.smoke else 1
+
+    repo = repository(args.repository, smoke=args.smoke)
+    data = input_data(RESULTS / "perf_analyzer-multimodal-input.json")
+    rows = []
+    with ServerProcess(repo) as server:
+        for model in args.models:
+            for concurrency in args.concurrency:
+                rows.append(run_one(binary, env, server.target, model, concurrency, args, data))
+    result = {"machine": machine(), "settings": {**{k: v for k, v in vars(args).items() if k != "perf_analyzer"},
+              "repository": str(repo), "perf_analyzer": str(binary), "api": "stream" if args.streaming else "unary"},
+              "rows": rows}  # fmt: skip
+
+    print(f"perf_analyzer ({'ModelStreamInfer' if args.streaming else 'ModelInfer'}), {args.window_ms} ms windows; "
+          "latencies in ms; server columns are means from ModelStatistics")  # fmt: skip
+    print(f"{'model':<15}{'conc':>5}{'infer/s':>10}{'p50':>8}{'p90':>8}{'p99':>8}{'srv queue':>11}{'srv compute':>13}")
+    failed = [r for r in rows if "error" in r]
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<15}{r['concurrency']:>5}  FAILED (exit {r['exit_status']}): {r['error'][-300:]}")
+            continue
+        print(f"{r['model']:<15}{r['concurrency']:>5}{r['Inferences/Second']:>10.0f}{r['p50 latency'] / 1e3:>8.2f}"
+              f"{r['p90 latency'] / 1e3:>8.2f}{r['p99 latency'] / 1e3:>8.2f}{r['Server Queue'] / 1e3:>11.2f}"
+              f"{r['Server Compute Infer'] / 1e3:>13.2f}")  # fmt: skip
+    print("wrote", write(result_name("perf_analyzer", smoke=args.smoke, tags=["stream"] if args.streaming else []),
+                         result))  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
