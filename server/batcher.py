@@ -6,6 +6,10 @@ when the model has been busy (work arrived while the last batch ran) — waits f
 model takes (a tiny model gains nothing from waiting). A lone caller therefore never waits
 for a batch that will never fill, while a crowd is still batched. The queue is bounded in items;
 a full queue raises QueueFullError at once. Expired and cancelled work is dropped before compute.
+
+When a merged batch fails, its requests are run again one by one instead of all receiving the
+error: a failure caused by one caller's values (onnxruntime refusing an out-of-range index, say)
+then reaches only that caller, and a failure of the model itself still reaches everyone.
 """
 
 from __future__ import annotations
