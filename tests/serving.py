@@ -57,3 +57,30 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServicerServer:
+    """A bare grpc.aio server around one typed-API servicer (a test double), on its own loop thread."""
+
+    def __init__(self, servicer: Any) -> None:
+        from fusionserve.v1 import fusion_pb2_grpc
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server()
+            fusion_pb2_grpc.add_FusionServiceServicer_to_server(servicer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        self.server, port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.target = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        """Stop the server at once and end its loop thread."""
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

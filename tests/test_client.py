@@ -20,7 +20,7 @@ from fusionserve.client.channel import channel_target
 from fusionserve.errors import FusionServeError
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
-from tests.serving import RunningServer
+from tests.serving import RunningServer, ServicerServer
 
 
 @pytest.fixture(scope="module")
@@ -282,33 +282,9 @@ class FlakyServicer(pb_grpc.FusionServiceServicer):
         )
 
 
-class LoopServer:
-    """A small grpc.aio server with our own servicer, on its own loop thread."""
-
-    def __init__(self, servicer) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start():
-            server = grpc.aio.server()
-            pb_grpc.add_FusionServiceServicer_to_server(servicer, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        self.server, port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        self.target = f"127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def test_the_retry_policy_retries_unavailable(samples):
     servicer = FlakyServicer(failures=3)
-    srv = LoopServer(servicer)
+    srv = ServicerServer(servicer)
     try:
         with FusionClient(srv.target) as client:
             result = client.classify(*samples[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import grpc
 import numpy as np
@@ -15,6 +14,7 @@ from fusionserve.client.inputs import directory_inputs
 from fusionserve.client.loadtest import LoadSettings, run
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from tests.serving import ServicerServer
 
 PERCENTILE_KEYS = ["min", "p50", "p90", "p99", "p99.9", "max"]
 
@@ -104,22 +104,9 @@ class StallingServicer(pb_grpc.FusionServiceServicer):
 @pytest.fixture
 def stalling_server():
     servicer = StallingServicer(stall_at=100, stall_s=0.5)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server = grpc.aio.server()
-        pb_grpc.add_FusionServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    grpc_server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    yield f"127.0.0.1:{port}", servicer
-    asyncio.run_coroutine_threadsafe(grpc_server.stop(0), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    server = ServicerServer(servicer)
+    yield server.target, servicer
+    server.stop()
 
 
 def test_open_loop_charges_a_stall_to_every_request_intended_during_it(stalling_server):
