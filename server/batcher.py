@@ -202,26 +202,6 @@ class DynamicBatcher:
             self._busy = bool(self._queue) or len(batch) > 1
             await self._run_batch(batch, loop)
 
-    async def _run_each_alone(self, live: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
-        """After a merged batch failed: each request on its own, so the failure stays with its cause."""
-        for work in live:
-            if work.future.done():
-                continue
-            try:
-                outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, work.inputs)
-            except Exception as e:
-                if not isinstance(e, InvalidInputError):
-                    logger.exception("model %r failed on a request of %d rows", self.name, work.size)
-                if not work.future.done():
-                    work.future.set_exception(e)
-                continue
-            self.batches_run += 1
-            self.items_run += work.size
-            if self._stats.on_batch:
-                self._stats.on_batch(work.size, run_s)
-            if not work.future.done():
-                work.future.set_result(outputs)
-
     async def _run_batch(self, batch: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         live = []
@@ -236,10 +216,18 @@ class DynamicBatcher:
             live.append(work)
         if not live:
             return
-        started = time.perf_counter()
         if self._stats.on_queue_time:
+            started = time.perf_counter()
             for work in live:
                 self._stats.on_queue_time(started - work.enqueued)
+        await self._execute(live, loop)
+
+    async def _execute(self, live: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
+        """Run ``live`` as one batch and give each caller its rows.
+
+        When a merged batch fails, each request runs again on its own (see the module docstring).
+        """
+        started = time.perf_counter()
         names = list(live[0].inputs)
         if len(live) == 1:
             merged = dict(live[0].inputs)
@@ -252,24 +240,27 @@ class DynamicBatcher:
         avg = self._avg_compute_s
         lone = len(live) == 1 and live[0].lone and not self._queue
         inline = avg is not None and (avg < self.inline_below_s or (lone and avg < self.inline_idle_below_s))
+        failure: Exception | None = None
         try:
             if inline:
                 outputs, run_s = self._timed_run(merged)
             else:
                 outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, merged)
         except Exception as e:
-            if len(live) > 1:
-                # One caller's bad values must not fail the others batched with it: run each alone.
-                self._running = False
-                await self._run_each_alone(live, loop)
-                return
-            if not isinstance(e, InvalidInputError):
-                logger.exception("model %r failed on a batch of %d", self.name, rows)
-            if not live[0].future.done():
-                live[0].future.set_exception(e)
-            return
+            failure = e
         finally:
             self._running = False
+        if failure is not None:
+            if len(live) > 1:
+                for work in live:
+                    if not work.future.done():
+                        await self._execute([work], loop)
+                return
+            if not isinstance(failure, InvalidInputError):
+                logger.error("model %r failed on a batch of %d", self.name, rows, exc_info=failure)
+            if not live[0].future.done():
+                live[0].future.set_exception(failure)
+            return
         compute_s = time.perf_counter() - started
         self._avg_compute_s = run_s if self._avg_compute_s is None else 0.8 * self._avg_compute_s + 0.2 * run_s
         if any(len(v) != rows for v in outputs.values()):
