@@ -306,12 +306,30 @@ class ServingCore:
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
         entry, pipeline = self.pipeline(name, version)
+        result = await self._run_pipeline(
+            entry, pipeline, images, texts,
+            deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
+        )  # fmt: skip
+        return entry, result
+
+    async def _run_pipeline(
+        self,
+        entry: ModelEntry,
+        pipeline: MultimodalPipeline,
+        images: Sequence[bytes],
+        texts: Sequence[str],
+        *,
+        deadline: float | None,
+        per_item_errors: bool = False,
+        wait_for_room: bool = False,
+    ) -> PipelineResult:
+        """``pipeline.run``, counted as one execution in the pipeline's statistics."""
         started = time.perf_counter()
         result = await pipeline.run(
             images, texts, deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room
         )
         self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
-        return entry, result
+        return result
 
     async def embed(
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
@@ -335,9 +353,7 @@ class ServingCore:
         if entry.pipeline is not None:
             images = [_as_bytes(x, "IMAGE") for x in inputs["IMAGE"].reshape(-1)]
             texts = [_as_text(x, i) for i, x in enumerate(inputs["TEXT"].reshape(-1))]
-            started = time.perf_counter()
-            result = await entry.pipeline.run(images, texts, deadline=deadline)
-            self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
+            result = await self._run_pipeline(entry, entry.pipeline, images, texts, deadline=deadline)
             labels = np.array(
                 [result.label_of(row)[1].encode() for row in range(len(result.ok))], dtype=np.object_
             )

@@ -33,10 +33,9 @@ class ModelTotals:
     fail_ns: int = 0
     queue_count: int = 0
     queue_ns: int = 0
-    compute_count: int = 0
     compute_ns: int = 0
     inference_count: int = 0  # rows inferred
-    execution_count: int = 0  # batches (tensor models) or runs (pipelines)
+    execution_count: int = 0  # batches (tensor models) or runs (pipelines); compute_ns is their total
     last_inference_ms: int = 0  # since the epoch
     by_batch_size: dict[int, list[int]] = field(default_factory=dict)  # rows → [executions, compute ns]
 
@@ -45,7 +44,6 @@ class ModelTotals:
         ns = int(seconds * 1e9)
         self.inference_count += rows
         self.execution_count += 1
-        self.compute_count += 1
         self.compute_ns += ns
         entry = self.by_batch_size.setdefault(rows, [0, 0])
         entry[0] += 1

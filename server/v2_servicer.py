@@ -440,7 +440,7 @@ def model_statistics(entry: ModelEntry, totals: ModelTotals | None) -> pb.ModelS
     # One onnxruntime run covers input, inference and output: its time is all in compute_infer, and
     # compute_input/compute_output carry the same count with 0 ns (clients check the counts agree).
     for part in (s.compute_input, s.compute_infer, s.compute_output):
-        part.count = t.compute_count
+        part.count = t.execution_count
     s.compute_infer.ns = t.compute_ns
     for rows, (count, ns) in sorted(t.by_batch_size.items()):
         batch = stats.batch_stats.add(batch_size=rows)
