@@ -61,8 +61,10 @@ def library_path(binary: Path) -> str:
     """LD_LIBRARY_PATH holding libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel beside the binary)."""
     python = binary.parent / "python"
     code = "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))"
-    found = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    paths = [found.stdout.strip()] if found.returncode == 0 else []
+    paths = []
+    if python.is_file():  # a --perf-analyzer binary outside a venv brings its own library path
+        found = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+        paths = [found.stdout.strip()] if found.returncode == 0 else []
     return os.pathsep.join([*paths, os.environ.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
 
 
