@@ -1,4 +1,13 @@
-"""Session-wide fixtures: small models trained and exported once per test session."""
+"""Session-wide fixtures and the two test tiers.
+
+The serving tests run on tiny random-weight ONNX graphs built with ``onnx.helper`` (no TensorFlow).
+Tests that train or export with Keras, or compare with Keras, use the ``trained_*`` fixtures and are
+marked ``tf`` by that alone, so ``pytest -m "not tf"`` runs everything else without TensorFlow.
+
+Options: ``--device cuda`` runs every server the tests start on the CUDA execution provider (the
+default, ``cpu``, pins them to the CPU); ``--repository PATH`` serves an existing repository (an
+exported one, say) to the serving tests instead of the tiny one.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +18,34 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Keep TensorFlow off any GPU in tests; parity is checked on CPU.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+TF_FIXTURES = frozenset({"trained_dir", "trained_repository", "trained_server"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=["cpu", "cuda"], default="cpu", help="device of the servers under test")
+    parser.addoption("--repository", type=Path, default=None, help="serve this repository instead of the tiny one")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Servers started in this process (tests.serving) and as child processes read the same variable.
+    os.environ["FUSIONSERVE_DEVICE"] = config.getoption("--device")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TF_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.tf)
 
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder written by ``fusionserve train`` (small and quick: accuracy is not the point)."""
-    from fusionserve.export.train import train
+def repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository the serving tests use: tiny ``onnx.helper`` graphs, or ``--repository``."""
+    given = request.config.getoption("--repository")
+    if given is not None:
+        return Path(given)
+    from tests import tiny_repository
 
-    out = tmp_path_factory.mktemp("trained")
-    train(out, samples=1000, epochs=2, seed=1, probes=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def repository(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository exported from ``trained_dir`` (version 1 of every model)."""
-    from fusionserve.export.convert import export_from_dir
-
-    repo = tmp_path_factory.mktemp("repo")
-    export_from_dir(trained_dir, repo)
-    return repo
+    return tiny_repository.build(tmp_path_factory.mktemp("repo") / "repo")
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +54,37 @@ def server(repository: Path):
     from tests.serving import RunningServer
 
     running = RunningServer(repository)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder written by ``fusionserve train`` (small and quick: accuracy is not the point)."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow stays on the CPU: parity is checked there
+    from fusionserve.export.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(out, samples=1000, epochs=2, seed=1, probes=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_repository(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository exported from ``trained_dir`` with tf2onnx (version 1 of every model)."""
+    from fusionserve.export.convert import export_from_dir
+
+    repo = tmp_path_factory.mktemp("trained-repo")
+    export_from_dir(trained_dir, repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def trained_server(trained_repository: Path):
+    """A server over the exported Keras models."""
+    from tests.serving import RunningServer
+
+    running = RunningServer(trained_repository)
     yield running
     running.stop()
 

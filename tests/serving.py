@@ -11,13 +11,14 @@ import grpc
 
 from fusionserve.server.app import FusionServer
 from fusionserve.server.settings import ServerSettings
+from tests.device import DEVICE
 
 
 class RunningServer:
     """A started server; ``target`` is ``127.0.0.1:PORT``. Stop with :meth:`stop`."""
 
     def __init__(self, repository: Path, **settings: Any) -> None:
-        values = {"repository": repository, "host": "127.0.0.1", "port": 0, "metrics_port": 0}
+        values = {"repository": repository, "host": "127.0.0.1", "port": 0, "metrics_port": 0, "device": DEVICE}
         values["metrics_host"] = "127.0.0.1"
         values.update(settings)
         self.settings = ServerSettings().updated(values)

@@ -46,6 +46,7 @@ EXPECTED_IO = {
     ),
 }
 TOLERANCE = 1e-4
+pytestmark = pytest.mark.tf  # every test here exports with TensorFlow or checks what an export wrote
 # Tests that use the session's trained models (about 15 s of training, paid once) or export again.
 slow = pytest.mark.slow
 HELD_OUT = 71  # > 64, and 71 = 10 * 7 + 1 so batches of 7 end with a batch of 1
@@ -67,6 +68,12 @@ def assert_no_staging(repo: Path) -> None:
 def copy_repository(repository: Path, dest: Path) -> Path:
     shutil.copytree(repository, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def repository(trained_repository: Path) -> Path:
+    """Here ``repository`` is the one exported from the trained Keras models, not the tiny one."""
+    return trained_repository
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""Preprocessing equals its references: Keras 2's text utilities and the seed's OpenCV image path."""
+"""Preprocessing: the tokeniser's behaviour and the seed's OpenCV image path.
+
+The tokeniser's Keras reference is in test_tokenizer_reference (TensorFlow tier).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
-
-# Keras 2's text utilities (the dev extra's tf-keras) are the reference; Keras 3 dropped them.
-from tf_keras.preprocessing import sequence as keras_sequence
-from tf_keras.preprocessing import text as keras_text
 
 from fusionserve.errors import InvalidInputError
 from fusionserve.preprocess import (
@@ -68,35 +66,12 @@ TEXTS = [
 ]
 
 
-def keras_reference(texts: list[str], word_index: dict[str, int]) -> np.ndarray:
-    """What a Keras 2 pipeline feeds the model: text_to_word_sequence → ids → pad_sequences."""
-    seqs = [[word_index.get(w, OOV_INDEX) for w in keras_text.text_to_word_sequence(t)] for t in texts]
-    return keras_sequence.pad_sequences(seqs, maxlen=MAX_LENGTH)
-
-
 @pytest.fixture(scope="module")
 def vocab() -> Vocabulary:
     return Vocabulary.fit(CORPUS + TEXTS, max_words=10_000, max_length=MAX_LENGTH)
 
 
 # ---------------------------------------------------------------------------------------- text
-
-
-@pytest.mark.parametrize("text", TEXTS, ids=[repr(t[:24]) for t in TEXTS])
-def test_words_match_keras(text: str) -> None:
-    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
-
-
-@pytest.mark.parametrize("text", TEXTS, ids=[repr(t[:24]) for t in TEXTS])
-def test_encode_matches_keras_pad_sequences(text: str, vocab: Vocabulary) -> None:
-    ours = vocab.encode([text])
-    ref = keras_reference([text], vocab.word_index)
-    assert ours.dtype == np.int32 and ref.dtype == np.int32
-    np.testing.assert_array_equal(ours, ref)
-
-
-def test_encode_batch_matches_keras(vocab: Vocabulary) -> None:
-    np.testing.assert_array_equal(vocab.encode(TEXTS), keras_reference(TEXTS, vocab.word_index))
 
 
 def test_truncation_keeps_the_last_words(vocab: Vocabulary) -> None:
@@ -129,53 +104,7 @@ _alphabet = st.sampled_from(
 _words = st.sampled_from(["red", "Red", "circle", "star!", "straße", "İz", "日本", "🎉", "", " "])
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.text(_alphabet, max_size=40), _words), max_size=160).map(" ".join))
-def test_encode_matches_keras_property(text: str) -> None:
-    vocab = Vocabulary.fit(CORPUS + [text[: len(text) // 2]], max_length=MAX_LENGTH)
-    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
-    np.testing.assert_array_equal(vocab.encode([text]), keras_reference([text], vocab.word_index))
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=200))
-def test_words_match_keras_on_any_unicode(text: str) -> None:
-    assert text_to_word_sequence(text) == keras_text.text_to_word_sequence(text)
-
-
 # ------------------------------------------------------------------------------ vocabulary fit
-
-
-def _tokenizer(texts: list[str], num_words: int):
-    tokenizer = keras_text.Tokenizer(num_words=num_words, oov_token="[UNK]")
-    tokenizer.fit_on_texts(texts)
-    return tokenizer
-
-
-@pytest.mark.parametrize("num_words", [3, 5, 8, 10_000])
-def test_fit_agrees_with_keras_tokenizer(num_words: int) -> None:
-    # Many ties in the counts, and a cut-off (num_words) that falls among them.
-    texts = CORPUS + ["b a c", "c b a d", "d d e e f f", "g", "a"]
-    ours = Vocabulary.fit(texts, max_words=num_words, max_length=MAX_LENGTH)
-    tokenizer = _tokenizer(texts, num_words)
-    assert tokenizer.word_index["[UNK]"] == OOV_INDEX
-    expected = {w: i for w, i in tokenizer.word_index.items() if 2 <= i < num_words}
-    assert ours.word_index == expected
-    probe = [*texts, "unseen words and a b c", LONG]
-    ref = keras_sequence.pad_sequences(tokenizer.texts_to_sequences(probe), maxlen=MAX_LENGTH)
-    np.testing.assert_array_equal(ours.encode(probe), ref)
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.lists(st.lists(st.sampled_from("a b c d e f g h Ω ß 日".split()), max_size=12).map(" ".join), max_size=12),
-    st.integers(2, 12),
-)
-def test_fit_agrees_with_keras_tokenizer_property(texts: list[str], num_words: int) -> None:
-    # Both sort by count with a stable sort, so ties keep first-appearance order in both.
-    ours = Vocabulary.fit(texts, max_words=num_words, max_length=MAX_LENGTH)
-    tokenizer = _tokenizer(texts, num_words)
-    assert ours.word_index == {w: i for w, i in tokenizer.word_index.items() if 2 <= i < num_words}
 
 
 def test_fit_orders_by_frequency_then_first_appearance() -> None:

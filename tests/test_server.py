@@ -1,4 +1,4 @@
-"""The typed gRPC API against a real server on loopback with the small exported models."""
+"""The typed gRPC API against a real server on loopback (tiny models; see conftest)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from tests.device import ATOL, PROVIDER, reference_session
 from tests.serving import RunningServer
 
 
@@ -28,35 +29,25 @@ def request(items, **kw) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(items=[pb.Item(image=i, text=t) for i, t in items], **kw)
 
 
-@pytest.fixture(scope="module")
-def keras_pipeline(trained_dir: Path):
-    """The Keras models on the same raw inputs: the reference the server must match."""
-    import keras
-
-    image_model = keras.models.load_model(trained_dir / "image_encoder.keras")
-    text_model = keras.models.load_model(trained_dir / "text_encoder.keras")
-    fusion_model = keras.models.load_model(trained_dir / "fusion.keras")
-    vocab = Vocabulary.load(trained_dir / "vocab.json")
-    size = image_model.inputs[0].shape[1]
-
-    def run(items):
-        images = np.stack([preprocess_image(decode_image(img), size, size) for img, _ in items])
-        tokens = vocab.encode([t for _, t in items])
-        fi, ft = np.asarray(image_model(images)), np.asarray(text_model(tokens))
-        return np.asarray(fusion_model([fi, ft])), fi, ft
-
-    return run
+def reference_pipeline(repository: Path, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The repository's three graphs run directly on the CPU on the same raw inputs."""
+    image, text, fusion = (reference_session(repository / m / "1" / "model.onnx")
+                           for m in ("image_encoder", "text_encoder", "fusion"))  # fmt: skip
+    size = image.get_inputs()[0].shape[1]
+    images = np.stack([preprocess_image(decode_image(img), size, size) for img, _ in items])
+    tokens = Vocabulary.load(repository / "multimodal" / "1" / "vocab.json").encode([t for _, t in items])
+    fi = image.run(None, {"image": images})[0]
+    ft = text.run(None, {"tokens": tokens})[0]
+    return fusion.run(None, {"image_features": fi, "text_features": ft})[0], fi, ft
 
 
-def test_classify_matches_the_keras_pipeline_on_raw_inputs(stub, samples, keras_pipeline):
+def test_classify_matches_onnxruntime_on_raw_inputs(stub, samples, repository):
     items = samples[:32]
     response = stub.Classify(request(items, return_embeddings=True))
-    probs, fi, ft = keras_pipeline(items)
-    got = np.array([list(r.probabilities) for r in response.results])
-    assert got.shape == probs.shape
-    assert np.max(np.abs(got - probs)) <= 1e-4
-    assert np.max(np.abs(np.array([list(r.image_embedding) for r in response.results]) - fi)) <= 1e-4
-    assert np.max(np.abs(np.array([list(r.text_embedding) for r in response.results]) - ft)) <= 1e-4
+    probs, fi, ft = reference_pipeline(repository, items)
+    np.testing.assert_allclose([list(r.probabilities) for r in response.results], probs, atol=ATOL)
+    np.testing.assert_allclose([list(r.image_embedding) for r in response.results], fi, atol=ATOL)
+    np.testing.assert_allclose([list(r.text_embedding) for r in response.results], ft, atol=ATOL)
     assert [r.label for r in response.results] == [list(response.labels)[i] for i in probs.argmax(1)]
     assert response.model == "multimodal" and response.model_version == 1
 
@@ -83,7 +74,7 @@ def test_concurrent_unary_callers_each_get_their_own_answer(server, stub, sample
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(call, range(320)))
     for i, probs in results:
-        assert np.allclose(probs, expected[i % 64], atol=1e-6), f"call {i} got another caller's answer"
+        assert np.allclose(probs, expected[i % 64], atol=ATOL), f"call {i} got another caller's answer"
     batches = before.batches_run - batches_before
     items = before.items_run - items_before
     assert items == 320
@@ -108,7 +99,7 @@ def test_stream_of_10000_items_loses_duplicates_and_mixes_nothing(stub, samples)
     for rid, probs in seen.items():
         n = int(rid[1:])
         idx = [(n * 8 + k) % 64 for k in range(8)]
-        assert np.allclose(probs, expected[idx], atol=1e-6), f"request {rid} got mixed-up results"
+        assert np.allclose(probs, expected[idx], atol=ATOL), f"request {rid} got mixed-up results"
 
 
 def test_stream_reports_bad_items_in_band_and_goes_on(stub, samples):
@@ -186,13 +177,13 @@ def test_deadline_exceeded(stub, samples):
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_embed_returns_image_and_text_embeddings(stub, samples, keras_pipeline):
+def test_embed_returns_each_encoders_features(stub, samples, repository):
     items = samples[:5]
     response = stub.Embed(pb.EmbedRequest(images=[i for i, _ in items], texts=[t for _, t in items[:3]]))
-    _, fi, ft = keras_pipeline(items)
     assert len(response.image_embeddings) == 5 and len(response.text_embeddings) == 3
-    assert np.max(np.abs(np.array([list(e.values) for e in response.image_embeddings]) - fi)) <= 1e-4
-    assert np.max(np.abs(np.array([list(e.values) for e in response.text_embeddings]) - ft[:3])) <= 1e-4
+    _, fi, ft = reference_pipeline(repository, items)
+    np.testing.assert_allclose([list(e.values) for e in response.image_embeddings], fi, atol=ATOL)
+    np.testing.assert_allclose([list(e.values) for e in response.text_embeddings], ft[:3], atol=ATOL)
     with pytest.raises(grpc.RpcError) as info:
         stub.Embed(pb.EmbedRequest())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -202,7 +193,7 @@ def test_list_and_get_models_report_state_io_and_providers(stub):
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
     assert set(models) == {"image_encoder", "text_encoder", "fusion", "multimodal"}
     for m in models.values():
-        assert m.state == "READY" and m.execution_providers == ["CPUExecutionProvider"]
+        assert m.state == "READY" and m.execution_providers[0] == PROVIDER
     mm = stub.GetModel(pb.GetModelRequest(name="multimodal"))
     assert [t.name for t in mm.inputs] == ["IMAGE", "TEXT"] and list(mm.labels) == ["mismatch", "match"]
     assert sorted(mm.steps) == ["fusion:1", "image_encoder:1", "text_encoder:1"]

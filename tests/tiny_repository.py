@@ -1,0 +1,181 @@
+"""A model repository of tiny random-weight ONNX graphs built with ``onnx.helper``: no TensorFlow.
+
+The graphs have the shapes and the kinds of ops of the exported models (a convolution for images,
+an embedding + one LSTM op for tokens, concatenation + product + two dense layers + softmax for the
+fusion), so the serving tests exercise what the real models exercise in milliseconds. What their
+answers mean does not matter here: tests compare the server with onnxruntime run directly.
+
+    build(tmp_path / "repo")                       # image 64×64, tokens [N, 100], vocabulary 10 000
+    build(path, image_size=(32, 48), max_length=20)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fusionserve.export import data as gen
+from fusionserve.preprocess import Vocabulary
+from fusionserve.repository import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PIPELINE_NAME,
+    PLATFORM_ONNX,
+    PLATFORM_PIPELINE,
+    ModelConfig,
+    TensorSpec,
+    sha256_file,
+    write_json,
+)
+
+OPSET = 17
+FEATURES = 64  # width of both embeddings, as in the exported models
+HIDDEN = 8  # LSTM state and convolution channels
+GAINS = {"image": 2.0, "lstm": 1.0, "text": 2.0, "out": 6.0}  # outputs spread over (0.1, 0.6), both labels occur
+
+
+def _init(rng: np.random.Generator, name: str, *shape: int, gain: float = 1.0) -> onnx.TensorProto:
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return numpy_helper.from_array(rng.normal(0, gain / fan_in**0.5, shape).astype(np.float32), name)
+
+
+def _model(nodes, inputs, outputs, initializers, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fusionserve-tests")
+    model.ir_version = 8  # onnxruntime releases of the last two years all read IR 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def image_encoder(rng: np.random.Generator, height: int, width: int) -> onnx.ModelProto:
+    """``image`` float [N, H, W, 3] (BGR in [0, 1]) → ``image_features`` [N, FEATURES]."""
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "dense_w"], ["dense"]),
+        helper.make_node("Add", ["dense", "dense_b"], ["image_features"]),
+    ]
+    inits = [_init(rng, "conv_w", HIDDEN, 3, 3, 3), _init(rng, "conv_b", HIDDEN, gain=0.1),
+             _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["image"]), _init(rng, "dense_b", FEATURES, gain=0.1)]  # fmt: skip
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", height, width, 3])],
+        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", FEATURES])],
+        inits,
+        "image_encoder",
+    )
+
+
+def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int) -> onnx.ModelProto:
+    """``tokens`` int32 [N, L] → embedding → one ONNX LSTM → dense → ``text_features`` [N, FEATURES]."""
+    nodes = [
+        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [N, L, HIDDEN]
+        helper.make_node("Transpose", ["embedded"], ["time_major"], perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["time_major", "lstm_w", "lstm_r", "lstm_b"], ["", "last"], hidden_size=HIDDEN),
+        helper.make_node("Squeeze", ["last", "axis0"], ["state"]),  # [N, HIDDEN]
+        helper.make_node("MatMul", ["state", "dense_w"], ["dense"]),
+        helper.make_node("Add", ["dense", "dense_b"], ["text_features"]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (vocabulary_size, HIDDEN)).astype(np.float32), "embedding"),
+        _init(rng, "lstm_w", 1, 4 * HIDDEN, HIDDEN, gain=GAINS["lstm"]),
+        _init(rng, "lstm_r", 1, 4 * HIDDEN, HIDDEN, gain=GAINS["lstm"]),
+        _init(rng, "lstm_b", 1, 8 * HIDDEN, gain=0.1),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["text"]),
+        _init(rng, "dense_b", FEATURES, gain=0.1),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("tokens", TensorProto.INT32, ["batch", max_length])],
+        [helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])],
+        inits,
+        "text_encoder",
+    )
+
+
+def fusion(rng: np.random.Generator, classes: int) -> onnx.ModelProto:
+    """Both features, concatenated with their product → dense + relu → dense + softmax."""
+    nodes = [
+        helper.make_node("Mul", ["image_features", "text_features"], ["product"]),
+        helper.make_node("Concat", ["image_features", "text_features", "product"], ["joined"], axis=1),
+        helper.make_node("MatMul", ["joined", "hidden_w"], ["hidden_mm"]),
+        helper.make_node("Add", ["hidden_mm", "hidden_b"], ["hidden_pre"]),
+        helper.make_node("Relu", ["hidden_pre"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "out_w"], ["logits_mm"]),
+        helper.make_node("Add", ["logits_mm", "out_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    inits = [_init(rng, "hidden_w", 3 * FEATURES, FEATURES), _init(rng, "hidden_b", FEATURES, gain=0.1),
+             _init(rng, "out_w", FEATURES, classes, gain=GAINS["out"]), _init(rng, "out_b", classes, gain=0.1)]  # fmt: skip
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", FEATURES]),
+         helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+        "fusion",
+    )  # fmt: skip
+
+
+def build(
+    repository: Path,
+    *,
+    image_size: tuple[int, int] = (64, 64),
+    max_length: int = 100,
+    vocabulary_size: int = 10_000,
+    max_batch_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write version 1 of ``image_encoder``, ``text_encoder``, ``fusion`` and ``multimodal``; return the path."""
+    repository = Path(repository)
+    rng = np.random.default_rng(seed)
+    height, width = image_size
+    labels = tuple(gen.LABELS)
+    vocab = Vocabulary.fit(gen.generate(200, seed=seed).captions, max_words=vocabulary_size, max_length=max_length)
+    image_spec = {"type": "image", "height": height, "width": width, "channels": 3, "color_order": "BGR",
+                  "interpolation": "INTER_LINEAR", "scale": "1/255"}  # fmt: skip
+    text_spec = {"type": "text", "max_length": max_length, "padding": "pre", "truncating": "pre",
+                 "vocabulary_file": "vocab.json"}  # fmt: skip
+    plans = [
+        ("image_encoder", image_encoder(rng, height, width), [TensorSpec("image", "FP32", (-1, height, width, 3))],
+         [TensorSpec("image_features", "FP32", (-1, FEATURES))], image_spec),
+        ("text_encoder", text_encoder(rng, vocabulary_size, max_length),
+         [TensorSpec("tokens", "INT32", (-1, max_length))], [TensorSpec("text_features", "FP32", (-1, FEATURES))],
+         text_spec),
+        ("fusion", fusion(rng, len(labels)),
+         [TensorSpec("image_features", "FP32", (-1, FEATURES)), TensorSpec("text_features", "FP32", (-1, FEATURES))],
+         [TensorSpec("probabilities", "FP32", (-1, len(labels)))], {}),
+    ]  # fmt: skip
+    for name, model, inputs, outputs, preprocessing in plans:
+        vdir = repository / name / "1"
+        vdir.mkdir(parents=True)
+        onnx.save(model, str(vdir / MODEL_FILE))
+        if name == "text_encoder":
+            vocab.save(vdir / "vocab.json")
+        config = ModelConfig(
+            name=name, version=1, platform=PLATFORM_ONNX, inputs=tuple(inputs), outputs=tuple(outputs),
+            max_batch_size=max_batch_size, model_file=MODEL_FILE, sha256=sha256_file(vdir / MODEL_FILE), opset=OPSET,
+            preprocessing=preprocessing, labels=labels if name == "fusion" else (),
+            vocabulary_file="vocab.json" if name == "text_encoder" else None,
+        )  # fmt: skip
+        write_json(vdir / CONFIG_FILE, config.to_json())
+    pdir = repository / PIPELINE_NAME / "1"
+    pdir.mkdir(parents=True)
+    vocab.save(pdir / "vocab.json")
+    write_json(pdir / "labels.json", list(labels))
+    pipeline = ModelConfig(
+        name=PIPELINE_NAME, version=1, platform=PLATFORM_PIPELINE,
+        inputs=(TensorSpec("IMAGE", "BYTES", (-1,)), TensorSpec("TEXT", "BYTES", (-1,))),
+        outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, len(labels))), TensorSpec("LABEL", "BYTES", (-1,))),
+        max_batch_size=max_batch_size, steps={"image_encoder": 1, "text_encoder": 1, "fusion": 1},
+        preprocessing={"image": image_spec, "text": text_spec}, labels=labels, vocabulary_file="vocab.json",
+    )  # fmt: skip
+    write_json(pdir / CONFIG_FILE, pipeline.to_json())
+    return repository
