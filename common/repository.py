@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,22 @@ def is_valid_model_name(name: str) -> bool:
     return bool(MODEL_NAME_RE.match(name))
 
 
+INTEGER_DATATYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """A named tensor: Open Inference Protocol datatype and shape (-1 = any size, first = batch)."""
+    """A named tensor: Open Inference Protocol datatype and shape (-1 = any size, first = batch).
+
+    ``range`` (integer tensors only) is the half-open interval ``[low, high)`` every value must lie
+    in, e.g. token ids ``[0, vocabulary size)``: the server refuses other values before onnxruntime
+    sees them (onnxruntime's CUDA ``Gather`` would answer zeros for them instead of failing).
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    range: tuple[int, int] | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -82,7 +91,10 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        data: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        if self.range is not None:
+            data["range"] = list(self.range)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str) -> TensorSpec:
@@ -96,7 +108,18 @@ class TensorSpec:
             raise RepositoryError(f"{where}: tensor {name!r} has unknown datatype {datatype!r}")
         if not shape or any(d < -1 or d == 0 for d in shape):
             raise RepositoryError(f"{where}: tensor {name!r} has invalid shape {list(shape)}")
-        return cls(name, datatype, shape)
+        value_range = data.get("range")
+        if value_range is None:
+            return cls(name, datatype, shape)
+        if datatype not in INTEGER_DATATYPES:
+            raise RepositoryError(f"{where}: tensor {name!r}: range is for integer tensors, not {datatype}")
+        if (not isinstance(value_range, (list, tuple)) or len(value_range) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value_range)
+                or value_range[0] >= value_range[1]):  # fmt: skip
+            raise RepositoryError(
+                f"{where}: tensor {name!r}: range must be [low, high) with integers low < high, not {value_range!r}"
+            )
+        return cls(name, datatype, shape, (value_range[0], value_range[1]))
 
 
 @dataclass(frozen=True)
@@ -261,7 +284,24 @@ def load_config(repository: Path, name: str, version: int, *, verify_hash: bool 
             raise RepositoryError(f"{model_path}: model file is missing")
         if verify_hash and config.sha256 and sha256_file(model_path) != config.sha256:
             raise RepositoryError(f"{model_path}: sha256 does not match config (file corrupted or replaced)")
+    if config.platform == PLATFORM_ONNX and config.vocabulary_file:
+        config = _with_vocabulary_range(config, vdir / config.vocabulary_file)
     return config
+
+
+def _with_vocabulary_range(config: ModelConfig, vocabulary: Path) -> ModelConfig:
+    """A text model whose config predates ``range``: its integer inputs take ids in [0, max_words)."""
+    if all(t.range is not None or t.datatype not in INTEGER_DATATYPES for t in config.inputs):
+        return config
+    try:
+        max_words = int(json.loads(vocabulary.read_text(encoding="utf-8"))["max_words"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RepositoryError(f"{vocabulary}: vocabulary missing or malformed ({e!r})") from e
+    inputs = tuple(
+        replace(t, range=(0, max_words)) if t.range is None and t.datatype in INTEGER_DATATYPES else t
+        for t in config.inputs
+    )
+    return replace(config, inputs=inputs)
 
 
 def select_versions(available: Sequence[int], policy: str | Sequence[int]) -> list[int]:

@@ -143,6 +143,24 @@ def check_models(image_model, text_model, fusion_model, vocab: Vocabulary) -> No
     fusion_out = _dims(fusion_model.outputs[0].shape)
     if len(fusion_out) != 2 or fusion_out[1] < 2:
         raise ExportError(f"fusion model output must be [N, classes] with classes >= 2, is {list(fusion_out)}")
+    rows = token_range(text_model, vocab)[1]
+    if rows < vocab.max_words:
+        raise ExportError(
+            f"text model's embedding has {rows} rows, fewer than the vocabulary's {vocab.max_words} token ids"
+        )
+
+
+def token_range(text_model, vocab: Vocabulary) -> tuple[int, int]:
+    """The token ids the text model takes: [0, rows of its first Embedding), else [0, vocabulary size)."""
+    import keras
+
+    layers = list(text_model.layers)
+    while layers:
+        layer = layers.pop(0)
+        if isinstance(layer, keras.layers.Embedding):
+            return 0, int(layer.input_dim)
+        layers[:0] = getattr(layer, "layers", [])  # a nested model's own layers, in order
+    return 0, vocab.max_words
 
 
 def _rename_io(model_proto, inputs: Sequence[str], outputs: Sequence[str]) -> None:
@@ -287,13 +305,15 @@ def _export_into(
     text_features = np.asarray(text_model(tokens))
     feat_i, feat_t = image_features.shape[1], text_features.shape[1]
     n_classes = int(fusion_model.outputs[0].shape[-1])
+    token_ids = token_range(text_model, vocab)
 
     plans = [
         ("image_encoder", image_model, {"image": images}, [TensorSpec("image", "FP32", (-1, height, width, 3))],
          [TensorSpec("image_features", "FP32", (-1, feat_i))],
          {"type": "image", "height": height, "width": width, "channels": 3, "color_order": "BGR",
           "decoder": "cv2.imdecode(IMREAD_COLOR)", "interpolation": "INTER_LINEAR", "scale": "1/255"}),
-        ("text_encoder", text_model, {"tokens": tokens}, [TensorSpec("tokens", "INT32", (-1, vocab.max_length))],
+        ("text_encoder", text_model, {"tokens": tokens},
+         [TensorSpec("tokens", "INT32", (-1, vocab.max_length), token_ids)],
          [TensorSpec("text_features", "FP32", (-1, feat_t))],
          {"type": "text", "max_length": vocab.max_length, "padding": "pre", "truncating": "pre",
           "vocabulary_file": "vocab.json"}),

@@ -399,6 +399,15 @@ def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray], max_b
             batch = shape[0]
         elif shape[0] != batch:
             raise InvalidInputError(f"input {spec.name!r}: batch size {shape[0]} differs from the others' {batch}")
+        if spec.range is not None and value.size:
+            low, high = spec.range
+            smallest, largest = int(value.min()), int(value.max())
+            if smallest < low or largest >= high:
+                bad = smallest if smallest < low else largest
+                raise InvalidInputError(
+                    f"input {spec.name!r}: values must lie in [{low}, {high}) (model {config.name!r}), "
+                    f"got {bad} at flat index {int(np.argmax(value.reshape(-1) == bad))}"
+                )
     if batch == 0:
         raise InvalidInputError(f"model {config.name!r}: empty batch")
     if batch is not None and batch > max_batch_size:

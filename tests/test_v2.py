@@ -630,7 +630,14 @@ def case_binary_data_output_not_bool(s):
 
 def case_token_out_of_the_vocabulary(s):
     tokens = np.zeros((1, 100), np.int32)
-    tokens[0, 3] = 10**6  # the embedding has 10,000 rows: onnxruntime refuses the index
+    tokens[0, 3] = 10_000  # the embedding has 10,000 rows
+    return make_request("text_encoder", {"tokens": ("INT32", tokens)})
+
+
+def case_negative_token(s):
+    # ONNX Gather takes -10000..-1 as counted from the end: the server must refuse it before onnxruntime.
+    tokens = np.zeros((2, 100), np.int32)
+    tokens[1, 7] = -1
     return make_request("text_encoder", {"tokens": ("INT32", tokens)})
 
 
@@ -671,7 +678,8 @@ ERROR_CASES = [
     (case_shared_memory, INVALID, "'image'"),
     (case_binary_data_output_not_bool, INVALID, "binary_data_output"),
     (case_empty_batch, INVALID, "empty"),
-    (case_token_out_of_the_vocabulary, INVALID, "onnxruntime rejected the input values"),
+    (case_token_out_of_the_vocabulary, INVALID, "input 'tokens': values must lie in [0, 10000)"),
+    (case_negative_token, INVALID, "model 'text_encoder'), got -1 at flat index 107"),
 ]
 
 

@@ -61,8 +61,12 @@ def image_encoder(rng: np.random.Generator, height: int, width: int) -> onnx.Mod
         helper.make_node("MatMul", ["flat", "dense_w"], ["dense"]),
         helper.make_node("Add", ["dense", "dense_b"], ["image_features"]),
     ]
-    inits = [_init(rng, "conv_w", HIDDEN, 3, 3, 3), _init(rng, "conv_b", HIDDEN, gain=0.1),
-             _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["image"]), _init(rng, "dense_b", FEATURES, gain=0.1)]  # fmt: skip
+    inits = [
+        _init(rng, "conv_w", HIDDEN, 3, 3, 3),
+        _init(rng, "conv_b", HIDDEN, gain=0.1),
+        _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["image"]),
+        _init(rng, "dense_b", FEATURES, gain=0.1),
+    ]
     return _model(
         nodes,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", height, width, 3])],
@@ -112,8 +116,12 @@ def fusion(rng: np.random.Generator, classes: int) -> onnx.ModelProto:
         helper.make_node("Add", ["logits_mm", "out_b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
-    inits = [_init(rng, "hidden_w", 3 * FEATURES, FEATURES), _init(rng, "hidden_b", FEATURES, gain=0.1),
-             _init(rng, "out_w", FEATURES, classes, gain=GAINS["out"]), _init(rng, "out_b", classes, gain=0.1)]  # fmt: skip
+    inits = [
+        _init(rng, "hidden_w", 3 * FEATURES, FEATURES),
+        _init(rng, "hidden_b", FEATURES, gain=0.1),
+        _init(rng, "out_w", FEATURES, classes, gain=GAINS["out"]),
+        _init(rng, "out_b", classes, gain=0.1),
+    ]
     return _model(
         nodes,
         [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", FEATURES]),
@@ -147,8 +155,8 @@ def build(
         ("image_encoder", image_encoder(rng, height, width), [TensorSpec("image", "FP32", (-1, height, width, 3))],
          [TensorSpec("image_features", "FP32", (-1, FEATURES))], image_spec),
         ("text_encoder", text_encoder(rng, vocabulary_size, max_length),
-         [TensorSpec("tokens", "INT32", (-1, max_length))], [TensorSpec("text_features", "FP32", (-1, FEATURES))],
-         text_spec),
+         [TensorSpec("tokens", "INT32", (-1, max_length), (0, vocabulary_size))],
+         [TensorSpec("text_features", "FP32", (-1, FEATURES))], text_spec),
         ("fusion", fusion(rng, len(labels)),
          [TensorSpec("image_features", "FP32", (-1, FEATURES)), TensorSpec("text_features", "FP32", (-1, FEATURES))],
          [TensorSpec("probabilities", "FP32", (-1, len(labels)))], {}),
