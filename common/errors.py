@@ -39,5 +39,9 @@ class RepositoryError(FusionServeError):
     """The model repository on disk is missing, malformed, or does not match its config."""
 
 
+class DeviceUnavailableError(FusionServeError):
+    """``--device cuda`` was asked for and the CUDA execution provider cannot run here."""
+
+
 class ExportError(FusionServeError):
     """An export step failed (conversion, graph gate, parity, or bad input files)."""

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from fusionserve.errors import (
+    DeviceUnavailableError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -38,7 +39,7 @@ from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult
-from fusionserve.server.runtime import DeviceUnavailableError, OnnxModel
+from fusionserve.server.runtime import OnnxModel
 from fusionserve.server.settings import ServerSettings
 from fusionserve.server.streams import StreamLimit
 
@@ -147,6 +148,7 @@ class ServingCore:
                 config,
                 version_dir(repo, config.name, config.version) / config.model_file,
                 device=s.device,
+                cuda_options=s.cuda_provider_options(),
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
                 graph_optimization_level=s.graph_optimization_level,
@@ -166,7 +168,9 @@ class ServingCore:
             entry.batcher = batcher
             self.metrics.queued.labels(config.name).set_function(lambda: batcher.queued_items)
             if s.warmup:
-                await batcher.submit(_warmup_inputs(config))
+                await batcher.submit(_warmup_inputs(config, 1))
+                if model.on_cuda and batcher.max_batch_size > 1:
+                    await batcher.submit(_warmup_inputs(config, batcher.max_batch_size))
             entry.state = READY
             logger.info("model %s v%d READY on %s", config.name, config.version, model.providers)
         except DeviceUnavailableError:
@@ -414,8 +418,8 @@ def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray], max_b
         raise InvalidInputError(f"model {config.name!r}: batch of {batch} is over the maximum of {max_batch_size}")
 
 
-def _warmup_inputs(config: ModelConfig) -> dict[str, np.ndarray]:
-    return {t.name: np.zeros([1, *(max(d, 1) for d in t.shape[1:])], t.dtype) for t in config.inputs}
+def _warmup_inputs(config: ModelConfig, rows: int) -> dict[str, np.ndarray]:
+    return {t.name: np.zeros([rows, *(max(d, 1) for d in t.shape[1:])], t.dtype) for t in config.inputs}
 
 
 def deadline_from(timeout_s: float | None) -> float | None:

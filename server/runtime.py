@@ -1,7 +1,18 @@
-"""onnxruntime sessions: provider choice (CUDA or CPU), session options and the run call."""
+"""onnxruntime sessions: provider choice (CUDA or CPU), provider and session options, the run call.
+
+CUDA needs onnxruntime-gpu plus the CUDA 13 and cuDNN 9 libraries. ``pip install "fusionserve[cuda]"``
+brings those libraries as NVIDIA's pip packages; :func:`cuda_unavailable_reason` loads them
+(``onnxruntime.preload_dlls``) before the first CUDA session and says, in one line, what is missing
+when the provider still cannot load (the first library the dynamic loader did not find, say).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from fusionserve.errors import InvalidInputError, RepositoryError
+from fusionserve.errors import DeviceUnavailableError, InvalidInputError, RepositoryError
 from fusionserve.repository import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -23,26 +34,50 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+_CUDA_HELP = "pip install 'fusionserve[cuda]' (CUDA 13 + cuDNN 9 libraries) and an NVIDIA driver"
 _cuda_loads: bool | None = None  # learnt from the first session that asks for CUDA
+_fallback_logged = False
 
 
-class DeviceUnavailableError(RuntimeError):
-    """``--device cuda`` was asked for and the CUDA execution provider does not load."""
+@functools.lru_cache(maxsize=1)
+def cuda_unavailable_reason() -> str | None:
+    """None when onnxruntime's CUDA provider library loads in this process, else why not (one line).
+
+    Loads the NVIDIA pip libraries first when they are installed (the ``cuda`` extra). A driver
+    that is missing or too old shows only when the first session starts (see OnnxModel).
+    """
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime ({ort.__version__}) has no {CUDA}; {_CUDA_HELP}"
+    if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per library it cannot find
+            ort.preload_dlls()
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if library.is_file():  # Linux; elsewhere the first session tells
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as e:
+            return f"{e}; {_CUDA_HELP}"
+    return None
 
 
-def providers_for(device: str) -> list[str]:
-    """Execution providers to ask for, in order of preference."""
+def providers_for(device: str, cuda_options: Mapping[str, str] | None = None) -> list:
+    """Execution providers to ask for, in order of preference (CUDA with its options first).
+
+    Raises:
+        DeviceUnavailableError: ``device`` is ``cuda`` and the CUDA provider cannot load here.
+    """
     if device == "cpu" or (device == "auto" and _cuda_loads is False):
         return [CPU]
-    available = ort.get_available_providers()
-    if CUDA not in available:
+    reason = cuda_unavailable_reason()
+    if reason is not None:
         if device == "cuda":
-            raise DeviceUnavailableError(
-                f"--device cuda: onnxruntime offers no {CUDA} (available: {available}); "
-                "install onnxruntime-gpu with CUDA 13 and cuDNN 9, or use --device auto/cpu"
-            )
+            raise DeviceUnavailableError(f"--device cuda: the CUDA execution provider cannot load: {reason}")
+        global _fallback_logged
+        if not _fallback_logged:
+            logger.warning("CUDA execution provider unavailable, serving on CPU: %s", reason)
+            _fallback_logged = True
         return [CPU]
-    return [CUDA, CPU]
+    return [(CUDA, dict(cuda_options or {})), CPU]
 
 
 class OnnxModel:
@@ -54,6 +89,7 @@ class OnnxModel:
         path: Path,
         *,
         device: str = "auto",
+        cuda_options: Mapping[str, str] | None = None,
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         graph_optimization_level: str = "all",
@@ -68,33 +104,44 @@ class OnnxModel:
         # Spinning threads burn the cores the other sessions and the event loop need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        wanted = providers_for(device)
-        probing = device == "auto" and wanted[0] == CUDA and _cuda_loads is None
+        wanted = providers_for(device, cuda_options)
+        on_cuda = wanted[0] != CPU
+        probing = device == "auto" and on_cuda and _cuda_loads is None
         if probing:
-            # onnxruntime logs several lines when CUDA libraries are missing; we log one instead.
+            # onnxruntime logs several lines when the GPU cannot be used; we log one instead.
             ort.set_default_logger_severity(4)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            if on_cuda and device == "cuda" and "CUDA" in str(e):
+                raise DeviceUnavailableError(f"--device cuda: {config.name}: {str(e).splitlines()[0]}") from e
             raise RepositoryError(f"{path}: onnxruntime cannot load the model: {e}") from e
         finally:
             if probing:
                 ort.set_default_logger_severity(2)
         self.providers: list[str] = self.session.get_providers()
-        if wanted[0] == CUDA:
+        if on_cuda:
             loaded = self.providers[0] == CUDA
             if not loaded and device == "cuda":
                 raise DeviceUnavailableError(
-                    f"{config.name}: --device cuda, but the CUDA execution provider did not load "
-                    "(CUDA 13 and cuDNN 9 libraries must be on the library path)"
+                    f"--device cuda: {config.name}: the CUDA execution provider did not start (no GPU or driver?)"
                 )
             if probing:
                 _cuda_loads = loaded
                 if not loaded:
-                    logger.warning("CUDA execution provider did not load; falling back to CPU for every model")
+                    logger.warning("CUDA execution provider did not start (no GPU or driver?); serving on CPU")
         self._check_io(path)
         self._output_names = [t.name for t in config.outputs]
         self._use_binding = io_binding and self.providers[0] == CUDA
+
+    @property
+    def on_cuda(self) -> bool:
+        """True when the session runs on the CUDA execution provider."""
+        return self.providers[0] == CUDA
+
+    def provider_options(self) -> dict[str, dict[str, str]]:
+        """The options each provider really runs with (onnxruntime fills in its defaults)."""
+        return self.session.get_provider_options()
 
     def _check_io(self, path: Path) -> None:
         """The ONNX graph's inputs/outputs must be the ones the config promises."""
@@ -113,7 +160,7 @@ class OnnxModel:
 
         Raises:
             InvalidInputError: onnxruntime refused the values (names, types and shapes were checked
-                before, so this is about content, e.g. a token id outside the embedding's range).
+                before, so this is about content).
         """
         try:
             return self._run(inputs)

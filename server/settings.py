@@ -29,6 +29,20 @@ class ServerSettings:
     """Address the metrics server binds to."""
     device: str = "auto"
     """``auto`` (CUDA when it loads, else CPU), ``cpu`` or ``cuda`` (refuse to start without it)."""
+    cuda_device_id: int = 0
+    """Which GPU the CUDA execution provider uses."""
+    cuda_conv_algo_search: str = "HEURISTIC"
+    """cuDNN convolution algorithm choice: ``HEURISTIC`` (cuDNN's pick, no search), ``EXHAUSTIVE``
+    (times every algorithm on the first run of each new input shape: a new batch size pays it on
+    its first request) or ``DEFAULT``. See docs/BENCHMARKS.md for what each costs and gains."""
+    cuda_tf32: bool = False
+    """Let cuDNN and cuBLAS use TF32 for float32 math: faster on Ampere and later, but answers
+    move by about 1e-3 from the exported models' (off keeps the 1e-4 export parity)."""
+    cuda_mem_limit_mb: int = 0
+    """Cap on each session's CUDA memory arena in MiB (0 = no cap)."""
+    cuda_arena_extend_strategy: str = "kSameAsRequested"
+    """How the CUDA arena grows: ``kSameAsRequested`` (holds what was asked for) or
+    ``kNextPowerOfTwo`` (onnxruntime's default: fewer, bigger, extensions)."""
     max_batch_size: int = 0
     """Override every model's max batch size (0 keeps each config's value)."""
     max_queue_delay_ms: float = 2.0
@@ -58,7 +72,7 @@ class ServerSettings:
     graph_optimization_level: str = "all"
     """onnxruntime graph optimisation: ``disable``, ``basic``, ``extended`` or ``all``."""
     io_binding: bool = True
-    """On CUDA, bind inputs/outputs to avoid extra copies."""
+    """On CUDA, run through an onnxruntime I/O binding (host inputs and outputs bound to the call)."""
     preprocess_threads: int = 2
     """Threads that decode and resize images (OpenCV releases the GIL)."""
     version_policy: Any = "latest"
@@ -93,9 +107,22 @@ class ServerSettings:
     auth_exempt_health: bool = True
     """Leave the health service open without a token (for load balancer and Kubernetes probes)."""
     warmup: bool = True
-    """Run one inference per model before marking it ready."""
+    """Run each model before marking it ready: one item, and on CUDA also a full batch (so the
+    memory arena has grown to its peak and no request pays for that)."""
     log_level: str = "INFO"
     """Python logging level of the server."""
+
+    def cuda_provider_options(self) -> dict[str, str]:
+        """The CUDA execution provider options these settings stand for, as onnxruntime spells them."""
+        options = {
+            "device_id": str(self.cuda_device_id),
+            "cudnn_conv_algo_search": self.cuda_conv_algo_search,
+            "use_tf32": "1" if self.cuda_tf32 else "0",
+            "arena_extend_strategy": self.cuda_arena_extend_strategy,
+        }
+        if self.cuda_mem_limit_mb > 0:
+            options["gpu_mem_limit"] = str(self.cuda_mem_limit_mb * 1024 * 1024)
+        return options
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -156,6 +183,12 @@ class ServerSettings:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError("graph_optimization_level must be disable, basic, extended or all")
+        if self.cuda_conv_algo_search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
+            raise ValueError("cuda_conv_algo_search must be HEURISTIC, EXHAUSTIVE or DEFAULT")
+        if self.cuda_arena_extend_strategy not in ("kSameAsRequested", "kNextPowerOfTwo"):
+            raise ValueError("cuda_arena_extend_strategy must be kSameAsRequested or kNextPowerOfTwo")
+        if self.cuda_mem_limit_mb < 0 or self.cuda_device_id < 0:
+            raise ValueError("cuda_mem_limit_mb and cuda_device_id must be >= 0")
         for name in ("max_queue_size", "max_pipeline_items", "max_concurrent_rpcs", "max_pending_rpcs",
                      "max_message_bytes",
                      "max_image_bytes", "max_image_pixels",

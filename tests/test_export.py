@@ -37,7 +37,7 @@ EXPECTED_IO = {
         [TensorSpec("image_features", "FP32", (-1, 64))],
     ),
     "text_encoder": (
-        [TensorSpec("tokens", "INT32", (-1, 100))],
+        [TensorSpec("tokens", "INT32", (-1, 100), (0, 10_000))],
         [TensorSpec("text_features", "FP32", (-1, 64))],
     ),
     "fusion": (

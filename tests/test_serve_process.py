@@ -31,25 +31,35 @@ def test_sigterm_drains_and_exits_zero(repository, samples):
         server.close()
 
 
-@pytest.mark.slow
-def test_device_cuda_refuses_to_start_without_cuda(repository):
-    import onnxruntime
+def _cuda_works() -> bool:
+    from fusionserve.server.runtime import cuda_unavailable_reason
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        try:
-            onnxruntime.InferenceSession(
-                str(repository / "fusion" / "1" / "model.onnx"), providers=["CUDAExecutionProvider"]
-            ).get_providers().index("CUDAExecutionProvider")
-            pytest.skip("this machine has a working CUDA provider")
-        except ValueError:
-            pass
+    return cuda_unavailable_reason() is None
+
+
+def test_device_cuda_without_cuda_is_one_clear_line_and_exit_2(repository):
+    if _cuda_works():
+        pytest.skip("this machine's CUDA provider loads")
     result = subprocess.run(
         [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository), "--port", "0",
          "--metrics-port", "-1", "--device", "cuda"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "CUDA" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda: the CUDA execution provider cannot load" in lines[0], lines
+
+
+def test_auto_falls_back_to_cpu_naming_what_is_missing(repository):
+    import onnxruntime
+
+    if _cuda_works() or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu on a machine where its CUDA libraries are missing")
+    with ServerProcess(repository, "--device", "auto") as server:
+        log = "".join(server.log)
+    assert log.count("CUDA execution provider unavailable, serving on CPU") == 1, log
+    assert "cannot open shared object file" in log and "fusionserve[cuda]" in log
 
 
 def test_serve_without_a_repository_is_a_clear_error(tmp_path):
@@ -76,20 +86,9 @@ def test_settings_precedence_defaults_file_env_flags(tmp_path):
         ServerSettings.load(None, env={"FUSIONSERVE_DEVICE": "tpu"})
 
 
-def _cuda_works(repository) -> bool:
-    import onnxruntime
-
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return False
-    session = onnxruntime.InferenceSession(
-        str(repository / "fusion" / "1" / "model.onnx"), providers=["CUDAExecutionProvider"]
-    )
-    return session.get_providers()[0] == "CUDAExecutionProvider"
-
-
 @pytest.mark.gpu
 def test_cuda_device_serves_every_model_on_the_gpu(repository, samples):
-    if not _cuda_works(repository):
+    if not _cuda_works():
         pytest.skip("no working CUDA execution provider on this machine")
     from tests.serving import RunningServer
 
@@ -111,3 +110,15 @@ def test_server_process_that_cannot_start_raises_with_the_servers_own_message(tm
     with pytest.raises(ServerNotStarted, match="is not a directory") as caught:
         ServerProcess(tmp_path / "missing")
     assert "fusionserve serve" in str(caught.value)
+
+
+def test_cuda_settings_become_onnxruntime_provider_options():
+    settings = ServerSettings.load(None, env={"FUSIONSERVE_CUDA_TF32": "true", "FUSIONSERVE_CUDA_MEM_LIMIT_MB": "512"},
+                                   overrides={"cuda_conv_algo_search": "EXHAUSTIVE"})  # fmt: skip
+    assert settings.cuda_provider_options() == {
+        "device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1",
+        "arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": str(512 * 1024 * 1024),
+    }  # fmt: skip
+    assert "gpu_mem_limit" not in ServerSettings().cuda_provider_options()  # 0: no cap
+    with pytest.raises(ValueError, match="cuda_conv_algo_search must be"):
+        ServerSettings.load(None, env={}, overrides={"cuda_conv_algo_search": "FAST"})
