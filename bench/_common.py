@@ -147,18 +147,24 @@ def samples(n: int, seed: int = 99, size: int = 64) -> list[tuple[bytes, str]]:
     return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
 
 
+def server_cuda_options(**overrides: str) -> dict[str, str]:
+    """The server's default CUDA provider options (ServerSettings), with ``overrides`` on top."""
+    from fusionserve.server.settings import ServerSettings
+
+    return {**ServerSettings().cuda_provider_options(), **overrides}
+
+
 def providers(device: str, cuda_options: Mapping[str, str] | None = None) -> list[Any]:
     """The onnxruntime providers for ``cpu`` or ``cuda`` (CUDA first, CPU for what CUDA does not run).
 
-    With no ``cuda_options`` the CUDA provider keeps onnxruntime's defaults, as the server does
-    (``cudnn_conv_algo_search=EXHAUSTIVE``, ``arena_extend_strategy=kNextPowerOfTwo``): every new
-    input shape pays one cuDNN algorithm search, so benches warm up each batch size first.
+    On CUDA the options default to the server's own (``server_cuda_options``), so raw sessions and
+    the server compare like with like; ``cuda_options`` replaces single options.
     """
     if device == "cpu":
         return [CPU]
     if device != "cuda":
         raise ValueError(f"device must be cpu or cuda, not {device!r}")
-    return [(CUDA, dict(cuda_options)) if cuda_options else CUDA, CPU]
+    return [(CUDA, server_cuda_options(**(cuda_options or {}))), CPU]
 
 
 class OrtModel:
@@ -174,6 +180,11 @@ class OrtModel:
         cuda_options: Mapping[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        if device == "cuda":
+            from fusionserve.server.runtime import cuda_unavailable_reason
+
+            cuda_unavailable_reason()  # loads the NVIDIA pip libraries, as the server does
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # the server's default is 1

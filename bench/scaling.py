@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--max-call-s", type=float, default=2.0, help="skip larger batches past this call time")
     parser.add_argument("--stream-window", type=int, default=1, help="requests in flight per stream")
     parser.add_argument("--cuda-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="raw sessions' CUDA provider option, e.g. cudnn_conv_algo_search=HEURISTIC")  # fmt: skip
+                        help="raw sessions' CUDA option over the server's defaults, e.g. use_tf32=1")  # fmt: skip
     args = parser.parse_args()
     cuda_options = dict(o.split("=", 1) for o in args.cuda_option)
     duration = 0.1 if args.smoke else args.duration

@@ -229,9 +229,11 @@ def parity(keras_model, path: Path, inputs: dict[str, np.ndarray], name: str) ->
     return diff
 
 
-def parity_inputs(image_size: tuple[int, int], vocab: Vocabulary, n: int) -> tuple[np.ndarray, np.ndarray]:
+def parity_inputs(
+    image_size: tuple[int, int], vocab: Vocabulary, n: int, seed: int = PARITY_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out generated samples, preprocessed exactly as the server will (PNG bytes → tensors)."""
-    ds = gen.generate(n, PARITY_SEED)
+    ds = gen.generate(n, seed)
     images = np.stack([preprocess_image(decode_image(encode_png(img)), *image_size) for img in ds.images])
     return images, vocab.encode(ds.captions)
 

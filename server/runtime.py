@@ -53,10 +53,12 @@ def cuda_unavailable_reason() -> str | None:
             ort.preload_dlls()
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if library.is_file():  # Linux; elsewhere the first session tells
-        try:
-            ctypes.CDLL(str(library))
-        except OSError as e:
-            return f"{e}; {_CUDA_HELP}"
+        # The provider library needs CUDA and the driver (libcuda.so.1) to load; cuDNN it opens later.
+        for name in (str(library), "libcudnn.so.9"):
+            try:
+                ctypes.CDLL(name)
+            except OSError as e:
+                return f"{e}; {_CUDA_HELP}"
     return None
 
 
