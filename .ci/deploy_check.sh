@@ -150,7 +150,7 @@ check(len(ignores) == 3 and len(texts) == 1,
       "the three deploy/Dockerfile*.dockerignore files exist and are identical")
 for p in ignores[:1]:
     patterns = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    check(not any(pat in ("README.md", "pyproject.toml", "common", "server", "protos", "deploy")
+    check(not any(pat in ("README.md", "pyproject.toml", "fusionserve", "server", "protos", "deploy")
                   for pat in patterns), f"{rel(p)} keeps what the wheel build and MODEL_REPOSITORY need")
 check((deploy / "no-models" / ".fusionserve-placeholder").is_file(),
       "deploy/no-models (the default MODEL_REPOSITORY) exists")

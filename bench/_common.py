@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fusionserve.process import ServerProcess
+from fusionserve.server.process import ServerProcess
 
 __all__ = ["ServerProcess"]  # re-exported for the bench scripts
 
@@ -140,11 +140,9 @@ def onnx_path(repo: Path, name: str) -> Path:
 
 def samples(n: int, seed: int = 99, size: int = 64) -> list[tuple[bytes, str]]:
     """Distinct generated (PNG bytes, caption) items."""
-    from fusionserve.export import data
-    from fusionserve.preprocess import encode_png
+    from fusionserve.data import encoded_pairs
 
-    ds = data.generate(n, seed=seed, size=size)
-    return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
+    return encoded_pairs(n, seed, size)
 
 
 def server_cuda_options(**overrides: str) -> dict[str, str]:

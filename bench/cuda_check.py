@@ -105,8 +105,8 @@ def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
 
 def labels(repo: Path, device: str) -> dict[str, Any]:
     """Serve the demo's held-out pairs on the CPU and on ``device``, and compare the labels."""
+    from fusionserve import data
     from fusionserve.client import FusionClient
-    from fusionserve.export import data
     from fusionserve.preprocess import encode_png
 
     ds = data.generate(DEMO_PAIRS, seed=DEMO_SEED)

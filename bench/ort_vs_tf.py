@@ -67,7 +67,7 @@ def main() -> None:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from fusionserve.export import data
+    from fusionserve import data
 
     names = ("image_encoder", "text_encoder", "fusion")
     started = time.perf_counter()

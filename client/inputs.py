@@ -65,11 +65,9 @@ def pair(item: Any) -> tuple[ImageInput, str]:
 # ---- load-test inputs -----------------------------------------------------------------------------
 def generated_inputs(n: int = 64, seed: int = 0) -> list[tuple[bytes, str]]:
     """``n`` generated (PNG bytes, caption) pairs from the training data generator (no TensorFlow)."""
-    from fusionserve.export.data import generate
-    from fusionserve.preprocess import encode_png
+    from fusionserve.data import encoded_pairs
 
-    ds = generate(n, seed=seed)
-    return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
+    return encoded_pairs(n, seed)
 
 
 def directory_inputs(folder: Path) -> list[tuple[bytes, str]]:

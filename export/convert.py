@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fusionserve import data as gen
 from fusionserve.errors import ExportError
-from fusionserve.export import data as gen
 from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
 from fusionserve.repository import (
     CONFIG_FILE,

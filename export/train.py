@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionserve.export import data as gen
+from fusionserve import data as gen
 from fusionserve.preprocess import Vocabulary
 from fusionserve.repository import write_json
 

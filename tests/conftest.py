@@ -92,11 +92,9 @@ def trained_server(trained_repository: Path):
 @pytest.fixture(scope="session")
 def samples():
     """Held-out generated (PNG bytes, caption) pairs, distinct per index."""
-    from fusionserve.export import data
-    from fusionserve.preprocess import encode_png
+    from fusionserve.data import encoded_pairs
 
-    ds = data.generate(256, seed=4242)
-    return [(encode_png(img), cap) for img, cap in zip(ds.images, ds.captions, strict=True)]
+    return encoded_pairs(256, seed=4242)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

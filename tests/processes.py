@@ -1,6 +1,6 @@
 """``fusionserve serve`` as real child processes on loopback, for fault and replica tests.
 
-One process is :class:`fusionserve.process.ServerProcess`; this adds free fixed ports (a replica
+One process is :class:`fusionserve.server.process.ServerProcess`; this adds free fixed ports (a replica
 restarted on its port), config files, starting several servers at once, and polling.
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fusionserve.process import ServerProcess
+from fusionserve.server.process import ServerProcess
 
 __all__ = ["OK_STREAM", "OK_TYPED", "ServerProcess", "free_ports", "start_all", "wait_until", "write_config"]
 

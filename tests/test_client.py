@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fusionserve.cli import main as cli_main
+from fusionserve.cli.main import main as cli_main
 from fusionserve.client import AsyncFusionClient, FusionClient, FusionClientError, StreamResult, TLSConfig
 from fusionserve.client.channel import channel_target
 from fusionserve.errors import FusionServeError

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import pytest
 
-from fusionserve.export import data as gen
+from fusionserve import data as gen
 from fusionserve.export.convert import PARITY_SEED
 from fusionserve.preprocess import text_to_word_sequence
 

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from fusionserve import cli
+from fusionserve import data as gen
+from fusionserve.cli import main as cli
 from fusionserve.errors import ExportError
 from fusionserve.export import convert
-from fusionserve.export import data as gen
 from fusionserve.preprocess import Vocabulary
 from fusionserve.repository import (
     ONNX_TYPES,

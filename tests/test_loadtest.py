@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fusionserve.cli import main as cli_main
+from fusionserve.cli.main import main as cli_main
 from fusionserve.client.inputs import directory_inputs
 from fusionserve.client.loadtest import LoadSettings, run
 from fusionserve.v1 import fusion_pb2 as pb

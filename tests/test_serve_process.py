@@ -9,7 +9,7 @@ import sys
 import grpc
 import pytest
 
-from fusionserve.process import ServerNotStarted
+from fusionserve.server.process import ServerNotStarted
 from fusionserve.server.settings import ServerSettings
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fusionserve.process import ServerProcess
+from fusionserve.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS_SCRIPT = Path(__file__).resolve().parent / "tritonclient_scenarios.py"

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fusionserve.export import data as gen
+from fusionserve import data as gen
 from fusionserve.preprocess import Vocabulary
 from fusionserve.repository import (
     CONFIG_FILE,

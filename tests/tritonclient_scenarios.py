@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from fusionserve.export import data
+from fusionserve import data
 from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
 
 MODELS = ("image_encoder", "text_encoder", "fusion", "multimodal")

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 import time
 from pathlib import Path
 
 
 def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int = 0) -> int:
     """Run the whole product once and print what each step did."""
+    from fusionserve.export.cli import quiet_tensorflow
+
+    quiet_tensorflow()
+    from fusionserve import data
     from fusionserve.client import FusionClient
-    from fusionserve.export import data
     from fusionserve.export.convert import export_from_dir
     from fusionserve.export.train import train
     from fusionserve.preprocess import encode_png
-    from fusionserve.process import ServerProcess
+    from fusionserve.server.process import ServerProcess
 
     workdir = Path(workdir)
     trained, repository = workdir / "trained", workdir / "model-repository"
@@ -53,5 +55,16 @@ def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int =
     return 0 if code == 0 else 1
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo(Path(os.environ.get("FUSIONSERVE_DEMO_DIR", "fusionserve-demo"))))
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train → export → serve → classify, end to end."""
+    return run_demo(Path(args.workdir), samples=args.samples, epochs=args.epochs, seed=args.seed)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` subcommand."""
+    p = sub.add_parser("demo", help="train → export → serve → classify, end to end")
+    p.add_argument("--workdir", default="fusionserve-demo", help="where models and the repository go")
+    p.add_argument("--samples", type=int, default=5000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)

@@ -1,4 +1,4 @@
-"""Seeded, deterministic image–caption pairs drawn with OpenCV (no downloads).
+"""Seeded, deterministic image–caption pairs drawn with OpenCV (no downloads, no TensorFlow).
 
 Each image shows one coloured shape at a random position and size on a noisy background. Each
 caption names a colour and a shape; the label says whether the caption matches the image. Image
@@ -125,3 +125,11 @@ def splits(samples: int, seed: int, size: int = 64) -> tuple[Dataset, Dataset, D
         generate(held_out, seed * 3 + 1, size),
         generate(held_out, seed * 3 + 2, size),
     )
+
+
+def encoded_pairs(n: int, seed: int, size: int = 64) -> list[tuple[bytes, str]]:
+    """``n`` generated (PNG bytes, caption) pairs: what a caller sends a server."""
+    from fusionserve.preprocess import encode_png
+
+    ds = generate(n, seed, size)
+    return [(encode_png(image), caption) for image, caption in zip(ds.images, ds.captions, strict=True)]

@@ -2,6 +2,6 @@
 
 import sys
 
-from fusionserve.cli import main
+from fusionserve.cli.main import main
 
 sys.exit(main())
