@@ -34,6 +34,7 @@ from _common import OrtModel, ServerProcess, machine, onnx_path, percentiles, re
 
 from fusionserve.repository import list_versions, load_config
 from fusionserve.v2 import grpc_service_pb2 as v2pb
+from fusionserve.v2_codec import add_raw_input
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -58,9 +59,7 @@ def _inputs(repo: Path, model: str, rows: int, seed: int = 0) -> dict[str, np.nd
 def _request(model: str, feeds: dict[str, np.ndarray], rid: str) -> bytes:
     request = v2pb.ModelInferRequest(model_name=model, id=rid)
     for name, value in feeds.items():
-        datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}[value.dtype]
-        request.inputs.add(name=name, datatype=datatype, shape=list(value.shape))
-        request.raw_input_contents.append(np.ascontiguousarray(value).tobytes())
+        add_raw_input(request, name, value)
     return request.SerializeToString()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from fusionserve.v2 import grpc_service_pb2 as v2pb
 from fusionserve.v2 import grpc_service_pb2_grpc as v2pb_grpc
+from fusionserve.v2_codec import serialize_bytes
 
 
 class RawPipeline:
@@ -85,9 +85,8 @@ def _v2_request(items: list, start: int, batch: int, rid: str = "") -> v2pb.Mode
     request = v2pb.ModelInferRequest(model_name="multimodal", id=rid)
     for name in ("IMAGE", "TEXT"):
         request.inputs.add(name=name, datatype="BYTES", shape=[batch])
-    request.raw_input_contents.append(b"".join(struct.pack("<I", len(i)) + i for i, _ in chunk))
-    texts = [t.encode() for _, t in chunk]
-    request.raw_input_contents.append(b"".join(struct.pack("<I", len(t)) + t for t in texts))
+    request.raw_input_contents.append(serialize_bytes([i for i, _ in chunk]))
+    request.raw_input_contents.append(serialize_bytes([t for _, t in chunk]))
     return request
 
 

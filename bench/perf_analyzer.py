@@ -28,7 +28,6 @@ import csv
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import venv
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, ServerProcess, machine, repository, result_name, samples, write
+
+from fusionserve.v2_codec import serialize_bytes
 
 PERF_VENV = RESULTS / "perf-venv"
 TRITONCLIENT = "tritonclient==2.41.1"  # the last wheel that ships a working perf_analyzer
@@ -79,7 +80,7 @@ def missing_libraries(binary: Path, env: dict[str, str]) -> list[str]:
 def input_data(path: Path, n: int = 16) -> Path:
     """perf_analyzer --input-data for ``multimodal``: real PNGs (BYTES wire form, base64) and captions."""
     steps = [
-        {"IMAGE": {"b64": base64.b64encode(struct.pack("<I", len(img)) + img).decode()}, "TEXT": [text]}
+        {"IMAGE": {"b64": base64.b64encode(serialize_bytes([img])).decode()}, "TEXT": [text]}
         for img, text in samples(n)
     ]
     path.write_text(json.dumps({"data": steps}))

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import platform
-import struct
 import sys
 import time
 from array import array
@@ -39,6 +38,7 @@ import numpy as np
 from fusionserve.client.channel import TLSConfig, create_channel
 from fusionserve.client.inputs import load_inputs, sample
 from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v2_codec import serialize_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,6 @@ class LoadSettings:
 
 
 # ---- requests ---------------------------------------------------------------------------------------
-def _bytes_tensor(values: Sequence[bytes]) -> bytes:
-    """A BYTES tensor in ``raw_input_contents`` form: 4-byte little-endian length + bytes, each."""
-    return b"".join(struct.pack("<I", len(v)) + v for v in values)
-
-
 def typed_request(items: Sequence[tuple[bytes, str]], model: str) -> bytes:
     """A serialised ``ClassifyRequest``."""
     request = pb.ClassifyRequest(items=[pb.Item(image=i, text=t) for i, t in items], model=model)
@@ -142,8 +137,8 @@ def v2_request(items: Sequence[tuple[bytes, str]], model: str) -> bytes:
     request = v2.ModelInferRequest(model_name=model)
     for name in ("IMAGE", "TEXT"):
         request.inputs.add(name=name, datatype="BYTES", shape=[len(items)])
-    request.raw_input_contents.append(_bytes_tensor([i for i, _ in items]))
-    request.raw_input_contents.append(_bytes_tensor([t.encode("utf-8") for _, t in items]))
+    request.raw_input_contents.append(serialize_bytes([i for i, _ in items]))
+    request.raw_input_contents.append(serialize_bytes([t for _, t in items]))
     return request.SerializeToString()
 
 

@@ -20,6 +20,7 @@ from fusionserve.server.core import READY, ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
 from fusionserve.server.settings import ServerSettings
+from fusionserve.server.streams import Streams
 from fusionserve.server.typed_servicer import FusionServicer
 from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
 
@@ -35,6 +36,7 @@ class FusionServer:
         self.settings = settings
         self.metrics = Metrics()
         self.core = ServingCore(settings, self.metrics)
+        self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight)
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -65,7 +67,7 @@ class FusionServer:
                 *self._connection_age_options(),
             ],
         )
-        fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core), server)
+        fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core, self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [TYPED_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         services += self._add_extra_services(server)
@@ -97,7 +99,7 @@ class FusionServer:
         """Front-ends beyond the typed API; returns their service names for reflection."""
         from fusionserve.server import v2_servicer
 
-        return [v2_servicer.add_to_server(self.core, server)]
+        return [v2_servicer.add_to_server(self.core, self.streams, server)]
 
     async def _publish_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING

@@ -41,7 +41,6 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult
 from fusionserve.server.runtime import OnnxModel
 from fusionserve.server.settings import ServerSettings
-from fusionserve.server.streams import StreamLimit
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ class ServingCore:
         self._entries: dict[tuple[str, int], ModelEntry] = {}
         self._ort_pool: ThreadPoolExecutor | None = None
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
-        self.streams = StreamLimit(settings.max_concurrent_streams)
         self.draining = False
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -346,39 +344,17 @@ class ServingCore:
     async def infer(
         self, name: str, version: int, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
     ) -> tuple[ModelEntry, dict[str, np.ndarray]]:
-        """Tensor in, tensor out, for any model (pipelines take IMAGE and TEXT as BYTES).
+        """Tensors in, tensors out, for a tensor model (pipelines take images and texts: ``classify``).
 
         Raises:
-            InvalidInputError: naming the tensor that is missing, unknown, or of the wrong type or shape.
+            InvalidInputError: naming the tensor that is missing, unknown, or of the wrong type, shape or range.
         """
         entry = self.get(name, version)
         assert entry.config is not None
+        if entry.batcher is None:
+            raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")
         validate_inputs(entry.config, inputs, entry.max_batch_size)
-        if entry.pipeline is not None:
-            images = [_as_bytes(x, "IMAGE") for x in inputs["IMAGE"].reshape(-1)]
-            texts = [_as_text(x, i) for i, x in enumerate(inputs["TEXT"].reshape(-1))]
-            result = await self._run_pipeline(entry, entry.pipeline, images, texts, deadline=deadline)
-            labels = np.array(
-                [result.label_of(row)[1].encode() for row in range(len(result.ok))], dtype=np.object_
-            )
-            return entry, {"PROBABILITIES": result.probabilities, "LABEL": labels}
-        assert entry.batcher is not None
         return entry, await entry.batcher.submit(inputs, deadline=deadline)
-
-
-def _as_bytes(value: object, tensor: str) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    raise InvalidInputError(f"input {tensor!r}: elements must be bytes")
-
-
-def _as_text(value: object, index: int) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return bytes(value).decode("utf-8")  # type: ignore[call-overload]
-    except (UnicodeDecodeError, TypeError) as e:
-        raise InvalidInputError(f"input 'TEXT': element {index} is not valid UTF-8") from e
 
 
 def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray], max_batch_size: int) -> None:

@@ -13,23 +13,36 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
-class StreamLimit:
-    """Counts open streams across every front-end; one more than the limit is RESOURCE_EXHAUSTED."""
+class Streams:
+    """The bidirectional streams of every front-end: how many may be open, how much each runs at once.
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    One stream over ``max_open`` is RESOURCE_EXHAUSTED; each stream handles at most ``max_inflight``
+    requests at a time and reads no further until one is done (backpressure).
+    """
+
+    def __init__(self, max_open: int, max_inflight: int) -> None:
+        self.max_open = max_open
+        self.max_inflight = max_inflight
         self.open = 0
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one stream slot while the stream runs."""
-        if self.open >= self.limit:
-            raise QueueFullError(f"too many open streams (limit {self.limit}); retry later")
+        if self.open >= self.max_open:
+            raise QueueFullError(f"too many open streams (limit {self.max_open}); retry later")
         self.open += 1
         try:
             yield
         finally:
             self.open -= 1
+
+    async def answer(
+        self, requests: AsyncIterator[Request], handle: Callable[[Request], Awaitable[Response]]
+    ) -> AsyncIterator[Response]:
+        """One stream: hold a slot and :func:`answer_concurrently` its requests."""
+        with self.slot():
+            async for response in answer_concurrently(requests, handle, self.max_inflight):
+                yield response
 
 
 async def answer_concurrently(

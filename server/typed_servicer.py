@@ -13,7 +13,7 @@ from fusionserve.repository import PIPELINE_NAME
 from fusionserve.server.core import ModelEntry, ServingCore, deadline_from
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.pipeline import PipelineResult
-from fusionserve.server.streams import answer_concurrently
+from fusionserve.server.streams import Streams
 from fusionserve.server.tracking import track
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
@@ -77,8 +77,9 @@ def classify_response(
 class FusionServicer(pb_grpc.FusionServiceServicer):
     """Thin gRPC layer over :class:`ServingCore`."""
 
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, streams: Streams) -> None:
         self.core = core
+        self.streams = streams
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None, per_item: bool):
         name = request.model or PIPELINE_NAME
@@ -113,11 +114,8 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         """Bidirectional stream: responses go out as soon as each request is done (match by request_id)."""
-        with self.core.streams.slot():
-            async for response in answer_concurrently(
-                request_iterator, lambda r: self._stream_one(r, context), self.core.settings.max_stream_inflight
-            ):
-                yield response
+        async for response in self.streams.answer(request_iterator, lambda r: self._stream_one(r, context)):
+            yield response
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         """Image and/or text embeddings."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import struct
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from fusionserve.v2 import model_config_pb2 as mc
+from fusionserve.v2_codec import decode_outputs, to_raw
 
 MODELS = ("image_encoder", "text_encoder", "fusion", "multimodal")
 TYPED_FIELD = {"FP32": "fp32_contents", "INT32": "int_contents", "BYTES": "bytes_contents"}
@@ -28,29 +28,6 @@ NP_DTYPE = {"FP32": np.float32, "INT32": np.int32, "BYTES": np.object_}
 # ---- helpers -----------------------------------------------------------------------------------
 def config_of(repository: Path, model: str) -> dict:
     return json.loads((repository / model / "1" / "config.json").read_text())
-
-
-def serialize_bytes(values) -> bytes:
-    out = b""
-    for v in np.asarray(values, dtype=np.object_).reshape(-1):
-        v = v.encode() if isinstance(v, str) else bytes(v)
-        out += struct.pack("<I", len(v)) + v
-    return out
-
-
-def deserialize_bytes(data: bytes) -> list[bytes]:
-    items, i = [], 0
-    while i < len(data):
-        (n,) = struct.unpack_from("<I", data, i)
-        items.append(data[i + 4 : i + 4 + n])
-        i += 4 + n
-    return items
-
-
-def to_raw(datatype: str, array: np.ndarray) -> bytes:
-    if datatype == "BYTES":
-        return serialize_bytes(array)
-    return np.ascontiguousarray(array, dtype=np.dtype(NP_DTYPE[datatype]).newbyteorder("<")).tobytes()
 
 
 def make_request(model: str, tensors: dict, *, typed: bool = False, outputs=(), **fields) -> pb.ModelInferRequest:
@@ -63,7 +40,7 @@ def make_request(model: str, tensors: dict, *, typed: bool = False, outputs=(), 
             values = array.reshape(-1).tolist()
             getattr(tensor.contents, TYPED_FIELD[datatype]).extend(values)
         else:
-            request.raw_input_contents.append(to_raw(datatype, array))
+            request.raw_input_contents.append(to_raw(array, datatype))
     for name in outputs:
         request.outputs.add(name=name)
     return request
@@ -71,19 +48,7 @@ def make_request(model: str, tensors: dict, *, typed: bool = False, outputs=(), 
 
 def decode(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Outputs of a response, raw or typed, as NumPy arrays."""
-    result = {}
-    for i, out in enumerate(response.outputs):
-        if response.raw_output_contents:
-            data = response.raw_output_contents[i]
-            if out.datatype == "BYTES":
-                array = np.array(deserialize_bytes(data), dtype=np.object_)
-            else:
-                array = np.frombuffer(data, dtype=np.dtype(NP_DTYPE[out.datatype]).newbyteorder("<"))
-        else:
-            values = getattr(out.contents, TYPED_FIELD[out.datatype])
-            array = np.array(list(values), dtype=NP_DTYPE[out.datatype])
-        result[out.name] = array.reshape(list(out.shape))
-    return result
+    return decode_outputs(response)
 
 
 def infer_error(stub, request) -> grpc.RpcError:
@@ -564,7 +529,7 @@ def case_bytes_truncated_prefix(s):
 
 def case_bytes_length_past_end(s):
     request = make_request("multimodal", multimodal_inputs(s["samples"], 1))
-    request.raw_input_contents[0] = struct.pack("<I", 10_000_000) + b"abc"
+    request.raw_input_contents[0] = (10_000_000).to_bytes(4, "little") + b"abc"
     return request
 
 
