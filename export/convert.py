@@ -22,7 +22,7 @@ import numpy as np
 
 from fusionserve import data as gen
 from fusionserve.errors import ExportError
-from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image, encode_png, preprocess_image
 from fusionserve.repository import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -312,12 +312,11 @@ def _export_into(
     plans = [
         ("image_encoder", image_model, {"image": images}, [TensorSpec("image", "FP32", (-1, height, width, 3))],
          [TensorSpec("image_features", "FP32", (-1, feat_i))],
-         {"type": "image", "height": height, "width": width, "channels": 3, "color_order": "BGR",
-          "decoder": "cv2.imdecode(IMREAD_COLOR)", "interpolation": "INTER_LINEAR", "scale": "1/255"}),
+         {"type": "image", "decoder": "cv2.imdecode(IMREAD_COLOR)", **ImagePreprocessing(height, width).to_json()}),
         ("text_encoder", text_model, {"tokens": tokens},
          [TensorSpec("tokens", "INT32", (-1, vocab.max_length), token_ids)],
          [TensorSpec("text_features", "FP32", (-1, feat_t))],
-         {"type": "text", "max_length": vocab.max_length, "padding": "pre", "truncating": "pre",
+         {"type": "text", "max_length": vocab.max_length, "padding": vocab.padding, "truncating": vocab.truncating,
           "vocabulary_file": "vocab.json"}),
         ("fusion", fusion_model, {"image_features": image_features, "text_features": text_features},
          [TensorSpec("image_features", "FP32", (-1, feat_i)), TensorSpec("text_features", "FP32", (-1, feat_t))],
@@ -374,6 +373,12 @@ def _export_into(
         outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, n_classes)), TensorSpec("LABEL", "BYTES", (-1,))),
         max_batch_size=max_batch_size,
         steps=steps,
+        roles={
+            "image_encoder": {"model": "image_encoder", "input": "image", "output": "image_features"},
+            "text_encoder": {"model": "text_encoder", "input": "tokens", "output": "text_features"},
+            "fusion": {"model": "fusion", "image_input": "image_features", "text_input": "text_features",
+                       "output": "probabilities"},
+        },
         preprocessing={
             "image": plans[0][5],
             "text": plans[1][5],

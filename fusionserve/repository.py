@@ -135,8 +135,10 @@ class ModelConfig:
     model_file: str | None = None
     sha256: str | None = None
     opset: int | None = None
-    # pipeline only: model name → version used for each step
+    # pipeline only: model name → version used for each step, and which step plays which role
+    # (``image_encoder``, ``text_encoder``, ``fusion``) through which tensors (see server/pipeline_config.py)
     steps: dict[str, int] = field(default_factory=dict)
+    roles: dict[str, dict[str, str]] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     labels: tuple[str, ...] = ()
     vocabulary_file: str | None = None
@@ -195,12 +197,16 @@ class ModelConfig:
             raise RepositoryError(f"{where}: model_file must be a plain file name, got {model_file!r}")
         try:
             steps = {str(k): int(v) for k, v in dict(data.get("steps", {})).items()}
+            roles = {str(role): {str(k): str(v) for k, v in dict(spec).items()}
+                     for role, spec in dict(data.get("roles", {})).items()}  # fmt: skip
             preprocessing = dict(data.get("preprocessing", {}))
             labels = tuple(str(x) for x in data.get("labels", ()))
             versions = dict(data.get("versions", {}))
             parity = dict(data.get("parity", {}))
         except (TypeError, ValueError) as e:
-            raise RepositoryError(f"{where}: malformed steps, preprocessing, labels, versions or parity ({e!r})") from e
+            raise RepositoryError(
+                f"{where}: malformed steps, roles, preprocessing, labels, versions or parity ({e!r})"
+            ) from e
         if platform == PLATFORM_PIPELINE and not steps:
             raise RepositoryError(f"{where}: a pipeline needs steps")
         # to_json() nests ``extra`` under its own key; unknown top-level keys are kept there too.
@@ -219,6 +225,7 @@ class ModelConfig:
             sha256=data.get("sha256"),
             opset=data.get("opset"),
             steps=steps,
+            roles=roles,
             preprocessing=preprocessing,
             labels=labels,
             vocabulary_file=data.get("vocabulary_file"),

@@ -16,9 +16,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
-from fusionserve.server.core import READY, ServingCore
+from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
+from fusionserve.server.registry import READY
 from fusionserve.server.settings import ServerSettings
 from fusionserve.server.streams import Streams
 from fusionserve.server.typed_servicer import FusionServicer
@@ -104,12 +105,13 @@ class FusionServer:
     async def _publish_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", serving if self.core.ready else not_serving)
-        await self.health.set(TYPED_SERVICE, serving if self.core.ready else not_serving)
-        names = {e.name for e in self.core.entries()}
+        await self.health.set("", serving if self.core.registry.ready else not_serving)
+        await self.health.set(TYPED_SERVICE, serving if self.core.registry.ready else not_serving)
+        names = {e.name for e in self.core.registry.entries()}
+        registry = self.core.registry
         for name in sorted(names):
-            entry = self.core.find(name)
-            await self.health.set(name, serving if entry.state == READY and not self.core.draining else not_serving)
+            up = registry.find(name).state == READY and not registry.draining
+            await self.health.set(name, serving if up else not_serving)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish."""

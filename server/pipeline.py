@@ -1,7 +1,9 @@
 """The ``multimodal`` pipeline: encoded image + text → probabilities and label.
 
-Images are decoded and resized off the event loop; texts are tokenised; the image and text
+Images are decoded and preprocessed off the event loop; texts are tokenised; the image and text
 encoders run concurrently (each through its own batcher), then the fusion model (batched too).
+Tensor names, image size and preprocessing, token length and padding come from the pipeline's
+:class:`~fusionserve.server.pipeline_config.PipelinePlan`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusionserve.errors import FusionServeError, InvalidInputError, QueueFullError
-from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
+from fusionserve.preprocess import ImagePreprocessing, decode_image
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.limits import Limits, check_image_header
+from fusionserve.server.pipeline_config import PipelinePlan
 
 INLINE_DECODE_BYTES = 32 * 1024
 
@@ -40,12 +43,14 @@ class PipelineResult:
         return index, self.labels[index]
 
 
-def _decode_all(images: Sequence[bytes], height: int, width: int, limits: Limits) -> list[np.ndarray | Exception]:
+def _decode_all(
+    images: Sequence[bytes], preprocessing: ImagePreprocessing, limits: Limits
+) -> list[np.ndarray | Exception]:
     out: list[np.ndarray | Exception] = []
     for i, data in enumerate(images):
         try:
             check_image_header(data, limits)
-            out.append(preprocess_image(decode_image(data), height, width))
+            out.append(preprocessing.apply(decode_image(data)))
         except FusionServeError as e:
             out.append(InvalidInputError(f"item {i}: {e}"))
     return out
@@ -57,21 +62,20 @@ class MultimodalPipeline:
     def __init__(
         self,
         *,
+        plan: PipelinePlan,
         image: DynamicBatcher,
         text: DynamicBatcher,
         fusion: DynamicBatcher,
-        image_size: tuple[int, int],
-        vocabulary: Vocabulary,
-        labels: Sequence[str],
         executor: Executor,
         limits: Limits,
         max_batch_size: int,
-        max_inflight_items: int = 512,
+        max_inflight_items: int,
     ) -> None:
+        self.plan = plan
         self.image, self.text, self.fusion = image, text, fusion
-        self.height, self.width = image_size
-        self.vocabulary = vocabulary
-        self.labels = tuple(labels)
+        self.preprocessing = plan.image_preprocessing
+        self.vocabulary = plan.vocabulary
+        self.labels = plan.labels
         self.executor = executor
         self.limits = limits
         self.max_batch_size = max_batch_size
@@ -102,11 +106,9 @@ class MultimodalPipeline:
             return []
         if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
             # One small image decodes faster than a thread hop takes (about 0.1 ms).
-            return _decode_all(images, self.height, self.width, self.limits)
+            return _decode_all(images, self.preprocessing, self.limits)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, _decode_all, images, self.height, self.width, self.limits
-        )
+        return await loop.run_in_executor(self.executor, _decode_all, images, self.preprocessing, self.limits)
 
     async def run(
         self,
@@ -177,17 +179,22 @@ class MultimodalPipeline:
         batch = np.stack([decoded[i] for i in ok])  # type: ignore[misc]
         tokens = self.vocabulary.encode([texts[i] for i in ok])
         lone = self.inflight_items == n
-        image_out, text_out = await asyncio.gather(
-            self.image.submit({"image": batch}, deadline=deadline, lone=lone),
-            self.text.submit({"tokens": tokens}, deadline=deadline, lone=lone),
+        image_features, text_features = await asyncio.gather(
+            self._encode_images(batch, deadline, lone), self._encode_texts(tokens, deadline, lone)
         )
-        image_features, text_features = image_out["image_features"], text_out["text_features"]
+        fusion = self.plan.fusion
         fused = await self.fusion.submit(
-            {"image_features": image_features, "text_features": text_features}, deadline=deadline, lone=lone
+            {fusion.inputs[0]: image_features, fusion.inputs[1]: text_features}, deadline=deadline, lone=lone
         )
-        return PipelineResult(
-            n, ok, errors, fused["probabilities"], image_features, text_features, self.labels
-        )
+        return PipelineResult(n, ok, errors, fused[fusion.output], image_features, text_features, self.labels)
+
+    async def _encode_images(self, batch: np.ndarray, deadline: float | None, lone: bool = False) -> np.ndarray:
+        step = self.plan.image
+        return (await self.image.submit({step.inputs[0]: batch}, deadline=deadline, lone=lone))[step.output]
+
+    async def _encode_texts(self, tokens: np.ndarray, deadline: float | None, lone: bool = False) -> np.ndarray:
+        step = self.plan.text
+        return (await self.text.submit({step.inputs[0]: tokens}, deadline=deadline, lone=lone))[step.output]
 
     async def embed(
         self, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
@@ -213,10 +220,10 @@ class MultimodalPipeline:
             raise bad[0]
         jobs = []
         if images:
-            jobs.append(self.image.submit({"image": np.stack(decoded)}, deadline=deadline))  # type: ignore[arg-type]
+            jobs.append(self._encode_images(np.stack(decoded), deadline))  # type: ignore[arg-type]
         if texts:
-            jobs.append(self.text.submit({"tokens": self.vocabulary.encode(texts)}, deadline=deadline))
+            jobs.append(self._encode_texts(self.vocabulary.encode(texts), deadline))
         results = list(await asyncio.gather(*jobs))
-        image_features = results.pop(0)["image_features"] if images else None
-        text_features = results.pop(0)["text_features"] if texts else None
+        image_features = results.pop(0) if images else None
+        text_features = results.pop(0) if texts else None
         return image_features, text_features

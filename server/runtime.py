@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from fusionserve.errors import DeviceUnavailableError, InvalidInputError, RepositoryError
-from fusionserve.repository import ModelConfig
+from fusionserve.repository import ONNX_TYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -146,16 +146,28 @@ class OnnxModel:
         return self.session.get_provider_options()
 
     def _check_io(self, path: Path) -> None:
-        """The ONNX graph's inputs/outputs must be the ones the config promises."""
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        graph_outputs = {o.name for o in self.session.get_outputs()}
+        """The ONNX graph's inputs/outputs must be the ones the config promises: names, types, fixed sizes."""
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        graph_outputs = {o.name: o for o in self.session.get_outputs()}
         declared_in = {t.name for t in self.config.inputs}
         declared_out = {t.name for t in self.config.outputs}
-        if graph_inputs != declared_in or not declared_out <= graph_outputs:
+        if set(graph_inputs) != declared_in or not declared_out <= set(graph_outputs):
             raise RepositoryError(
                 f"{path}: graph inputs {sorted(graph_inputs)} / outputs {sorted(graph_outputs)} do not match "
                 f"config inputs {sorted(declared_in)} / outputs {sorted(declared_out)}"
             )
+        for spec, arg in [*((t, graph_inputs[t.name]) for t in self.config.inputs),
+                          *((t, graph_outputs[t.name]) for t in self.config.outputs)]:  # fmt: skip
+            datatype = ONNX_TYPES.get(arg.type)
+            dims = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
+            fixed_clash = len(dims) != len(spec.shape) or any(
+                g != -1 and c != -1 and g != c for g, c in zip(dims, spec.shape, strict=False)
+            )
+            if datatype != spec.datatype or fixed_clash:
+                raise RepositoryError(
+                    f"{path}: tensor {spec.name!r} is {datatype or arg.type} {dims} in the graph but "
+                    f"{spec.datatype} {list(spec.shape)} in the config"
+                )
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; inputs and outputs are keyed by tensor name.

@@ -10,9 +10,10 @@ import numpy as np
 
 from fusionserve.errors import FusionServeError, InvalidInputError
 from fusionserve.repository import PIPELINE_NAME
-from fusionserve.server.core import ModelEntry, ServingCore, deadline_from
+from fusionserve.server.core import ServingCore, deadline_from
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.pipeline import PipelineResult
+from fusionserve.server.registry import ModelEntry
 from fusionserve.server.streams import Streams
 from fusionserve.server.tracking import track
 from fusionserve.v1 import fusion_pb2 as pb
@@ -36,7 +37,7 @@ def model_info(core: ServingCore, entry: ModelEntry) -> pb.ModelInfo:
     info = pb.ModelInfo(
         name=entry.name,
         version=entry.version,
-        versions=core.versions(entry.name),
+        versions=core.registry.versions(entry.name),
         state=entry.state,
         execution_providers=entry.providers,
         max_batch_size=entry.max_batch_size,
@@ -95,14 +96,14 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """Unary classify: any bad item fails the call with INVALID_ARGUMENT naming the item."""
-        with track(self.core.metrics, self.core.metric_label(request.model or PIPELINE_NAME), "typed"):
+        with track(self.core.metrics, self.core.registry.metric_label(request.model or PIPELINE_NAME), "typed"):
             entry, result = await self._classify(request, _deadline(context), per_item=False)
             return classify_response(request, entry, result)
 
     async def _stream_one(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         name = request.model or PIPELINE_NAME
         try:
-            with track(self.core.metrics, self.core.metric_label(name), "typed_stream"):
+            with track(self.core.metrics, self.core.registry.metric_label(name), "typed_stream"):
                 entry, result = await self._classify(request, _deadline(context), per_item=True)
                 return classify_response(request, entry, result)
         except Exception as e:  # answered in-band; the stream goes on
@@ -120,7 +121,7 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         """Image and/or text embeddings."""
         name = request.model or PIPELINE_NAME
-        with track(self.core.metrics, self.core.metric_label(name), "typed_embed"):
+        with track(self.core.metrics, self.core.registry.metric_label(name), "typed_embed"):
             entry, image_features, text_features = await self.core.embed(
                 name, request.model_version, list(request.images), list(request.texts), deadline=_deadline(context)
             )
@@ -135,10 +136,10 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         """Every model version with its state and providers."""
-        return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.entries()])
+        return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.registry.entries()])
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         """One model version (latest when version is 0)."""
         if not request.name:
             raise InvalidInputError("GetModel needs a model name")
-        return model_info(self.core, self.core.find(request.name, request.version))
+        return model_info(self.core, self.core.registry.find(request.name, request.version))

@@ -23,8 +23,9 @@ import grpc
 
 from fusionserve import __version__
 from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError
-from fusionserve.server.core import READY, ServingCore, validate_inputs
+from fusionserve.server.core import ServingCore, validate_inputs
 from fusionserve.server.grpc_errors import status_of
+from fusionserve.server.registry import READY
 from fusionserve.server.streams import Streams
 from fusionserve.server.tracking import track
 from fusionserve.server.v2_model_config import model_config, model_statistics, tensor_metadata
@@ -69,7 +70,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         """Answer true while the server takes work and at least one model is ready."""
-        return pb.ServerReadyResponse(ready=self.core.ready)
+        return pb.ServerReadyResponse(ready=self.core.registry.ready)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
@@ -77,10 +78,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Say whether a model version can serve now; an unknown model is simply not ready."""
         version = parse_version(request.version)
         try:
-            entry = self.core.find(request.name, version)
+            entry = self.core.registry.find(request.name, version)
         except ModelNotFoundError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=entry.state == READY and not self.core.draining)
+        return pb.ModelReadyResponse(ready=entry.state == READY and not self.core.registry.draining)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -92,8 +93,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         """Describe a model version (latest when version is ''): name, versions, platform, tensors."""
-        entry = self.core.find(request.name, parse_version(request.version))
-        response = pb.ModelMetadataResponse(name=entry.name, versions=[str(v) for v in self.core.versions(entry.name)])
+        entry = self.core.registry.find(request.name, parse_version(request.version))
+        versions = [str(v) for v in self.core.registry.versions(entry.name)]
+        response = pb.ModelMetadataResponse(name=entry.name, versions=versions)
         if entry.config is not None:
             response.platform = entry.config.platform
             response.inputs.extend(tensor_metadata(entry.config.inputs, inputs=True))
@@ -104,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         """A model version's configuration in Triton's form (latest version when version is '')."""
-        entry = self.core.find(request.name, parse_version(request.version))
+        entry = self.core.registry.find(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=model_config(entry))
 
     async def ModelStatistics(
@@ -116,16 +118,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ready one when none is).
         """
         if request.name:
-            entries = [self.core.find(request.name, parse_version(request.version))]
+            entries = [self.core.registry.find(request.name, parse_version(request.version))]
         else:
             if request.version:
                 raise InvalidInputError("ModelStatistics: a version needs a model name")
-            entries = [self.core.find(name) for name in sorted({e.name for e in self.core.entries()})]
+            entries = [self.core.registry.find(name) for name in sorted({e.name for e in self.core.registry.entries()})]
         totals = self.core.metrics.totals
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(e, totals.get(e.name)) for e in entries])
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        entry = self.core.get(request.model_name, parse_version(request.model_version))
+        entry = self.core.registry.get(request.model_name, parse_version(request.model_version))
         config = entry.config
         assert config is not None
         check_request_parameters(request)
@@ -147,14 +149,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         """Run one inference on any model (tensor models and the ``multimodal`` pipeline alike)."""
-        with track(self.core.metrics, self.core.metric_label(request.model_name), "v2"):
+        with track(self.core.metrics, self.core.registry.metric_label(request.model_name), "v2"):
             return await self._infer(request, context)
 
     async def _stream_one(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStreamInferResponse:
         try:
-            with track(self.core.metrics, self.core.metric_label(request.model_name), "v2_stream"):
+            with track(self.core.metrics, self.core.registry.metric_label(request.model_name), "v2_stream"):
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except Exception as e:  # answered in-band; the stream goes on
             if not isinstance(e, FusionServeError):

@@ -19,6 +19,7 @@ from fusionserve.errors import InvalidInputError
 from fusionserve.preprocess import (
     KERAS_FILTERS,
     OOV_INDEX,
+    ImagePreprocessing,
     Vocabulary,
     decode_image,
     encode_png,
@@ -142,8 +143,8 @@ MALFORMED = {
     "index beyond max_words": {**_valid(), "word_index": {"red": 10}},
     "max_length zero": {**_valid(), "max_length": 0},
     "max_length negative": {**_valid(), "max_length": -3},
-    "padding post": {**_valid(), "padding": "post"},
-    "truncating post": {**_valid(), "truncating": "post"},
+    "padding in the middle": {**_valid(), "padding": "middle"},
+    "truncating sideways": {**_valid(), "truncating": "sideways"},
     "not lower-cased": {**_valid(), "lower": False},
     "other filters": {**_valid(), "filters": "!"},
     "oov index 2": {**_valid(), "oov_index": 2},
@@ -160,6 +161,14 @@ def test_valid_minimal_vocabulary_loads() -> None:
     data = {"word_index": {"red": 2}, "max_words": 10, "max_length": 5}
     assert Vocabulary.from_json(data).encode(["red blue"]).tolist() == [[0, 0, 0, 2, 1]]
     assert Vocabulary.from_json(_valid()) == Vocabulary({"red": 2, "circle": 3}, max_words=10, max_length=5)
+
+
+def test_post_padding_and_truncation_keep_the_first_words() -> None:
+    vocab = Vocabulary({"a": 2, "b": 3, "c": 4}, max_words=10, max_length=2, padding="post", truncating="post")
+    assert vocab.encode(["a", "a b c", ""]).tolist() == [[2, 0], [2, 3], [0, 0]]
+    assert Vocabulary.from_json(vocab.to_json()) == vocab
+    assert pad_tokens([[5, 6, 7]], 2, padding="pre", truncating="post").tolist() == [[5, 6]]
+    assert pad_tokens([[5]], 3, padding="post", truncating="pre").tolist() == [[5, 0, 0]]
 
 
 def test_vocabulary_file_not_json_raises(tmp_path: Path) -> None:
@@ -224,6 +233,28 @@ def test_image_variants_match_seed_preprocessing(tmp_path: Path, ext: str, make)
     assert decoded.dtype == np.uint8 and decoded.ndim == 3 and decoded.shape[2] == 3
     for target in TARGETS:
         assert np.array_equal(preprocess_image(decoded, *target), seed_preprocess(path, *target))
+
+
+def test_image_preprocessing_other_colour_order_scale_offset_and_interpolation() -> None:
+    image = _picture(30, 50, 3, seed=9)
+    spec = ImagePreprocessing(20, 40, color_order="RGB", interpolation="INTER_AREA", scale=2 / 255, offset=-1.0)
+    expected = cv2.resize(image, (40, 20), interpolation=cv2.INTER_AREA)[..., ::-1].astype(np.float32)
+    np.testing.assert_allclose(spec.apply(image), expected * np.float32(2 / 255) - 1, rtol=0, atol=1e-6)
+    assert ImagePreprocessing.from_json(spec.to_json()) == spec
+    assert ImagePreprocessing.from_json({"height": 8, "width": 8}) == ImagePreprocessing(8, 8)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"width": 8}, "needs height and width"),
+    ({"height": 8, "width": 8, "channels": 1}, "channels must be 3"),
+    ({"height": 8, "width": 8, "color_order": "GRB"}, "color_order must be BGR or RGB"),
+    ({"height": 8, "width": 8, "scale": "2/255"}, "scale must be a number or '1/N'"),
+    ({"height": 8, "width": 8, "interpolation": "LANCZOS"}, "interpolation must be one of"),
+    ({"height": 0, "width": 8}, "image size must be positive"),
+])  # fmt: skip
+def test_malformed_image_preprocessing_says_what_is_wrong(data: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImagePreprocessing.from_json(data)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

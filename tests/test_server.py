@@ -65,7 +65,7 @@ def test_classify_accepts_jpeg_and_bmp_of_other_sizes(stub, samples):
 
 def test_concurrent_unary_callers_each_get_their_own_answer(server, stub, samples):
     expected = {i: list(stub.Classify(request([samples[i]])).results[0].probabilities) for i in range(64)}
-    before = server.server.core.find("image_encoder").batcher
+    before = server.server.core.registry.find("image_encoder").batcher
     batches_before, items_before = before.batches_run, before.items_run
 
     def call(i: int):
@@ -341,7 +341,7 @@ def test_missing_model_file_is_named_in_the_error(repository, tmp_path):
     shutil.copytree(repository, repo)
     (repo / "fusion" / "1" / "model.onnx").unlink()
     with RunningServer(repo, metrics_port=-1) as srv:
-        entry = srv.server.core.find("fusion")
+        entry = srv.server.core.registry.find("fusion")
         assert entry.state == "FAILED" and "fusion/1/model.onnx: model file is missing" in entry.reason
 
 
@@ -357,8 +357,8 @@ def test_version_policy_all_serves_every_version(repository, tmp_path, samples):
         assert list(stub.GetModel(pb.GetModelRequest(name="fusion")).versions) == [1, 2]
         assert stub.GetModel(pb.GetModelRequest(name="fusion", version=1)).version == 1
     with RunningServer(repo, metrics_port=-1) as srv:  # default: latest only, plus what pipelines pin
-        assert srv.server.core.versions("fusion") == [1, 2]
-        assert srv.server.core.find("fusion").version == 2
+        assert srv.server.core.registry.versions("fusion") == [1, 2]
+        assert srv.server.core.registry.find("fusion").version == 2
 
 
 def test_connections_recycled_for_their_age_keep_serving(repository, samples):

@@ -92,3 +92,12 @@ def test_fit_agrees_with_keras_tokenizer_property(texts: list[str], num_words: i
     ours = Vocabulary.fit(texts, max_words=num_words, max_length=MAX_LENGTH)
     tokenizer = _tokenizer(texts, num_words)
     assert ours.word_index == {w: i for w, i in tokenizer.word_index.items() if 2 <= i < num_words}
+
+
+@pytest.mark.parametrize(("padding", "truncating"), [("post", "post"), ("pre", "post"), ("post", "pre")])
+def test_padding_sides_match_keras_pad_sequences(padding: str, truncating: str) -> None:
+    vocab = Vocabulary.fit(CORPUS + TEXTS, max_length=MAX_LENGTH)
+    vocab = Vocabulary(vocab.word_index, max_length=7, padding=padding, truncating=truncating)
+    seqs = [[vocab.word_index.get(w, OOV_INDEX) for w in keras_text.text_to_word_sequence(t)] for t in TEXTS]
+    ref = keras_sequence.pad_sequences(seqs, maxlen=7, padding=padding, truncating=truncating)
+    np.testing.assert_array_equal(vocab.encode(TEXTS), ref)

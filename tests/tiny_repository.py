@@ -11,6 +11,7 @@ answers mean does not matter here: tests compare the server with onnxruntime run
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fusionserve import data as gen
-from fusionserve.preprocess import Vocabulary
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 from fusionserve.repository import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -132,6 +133,18 @@ def fusion(rng: np.random.Generator, classes: int) -> onnx.ModelProto:
     )  # fmt: skip
 
 
+def _renamed(model: onnx.ModelProto, names: Mapping[str, str]) -> onnx.ModelProto:
+    """The graph with its inputs and outputs renamed (``names``: old → new)."""
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def build(
     repository: Path,
     *,
@@ -139,51 +152,71 @@ def build(
     max_length: int = 100,
     vocabulary_size: int = 10_000,
     max_batch_size: int = 64,
+    color_order: str = "BGR",
+    padding: str = "pre",
+    tensors: Mapping[str, str] | None = None,
+    models: Mapping[str, str] | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write version 1 of ``image_encoder``, ``text_encoder``, ``fusion`` and ``multimodal``; return the path."""
+    """Write version 1 of the three models and the ``multimodal`` pipeline over them; return the path.
+
+    ``tensors`` renames tensors (``image``, ``image_features``, ``tokens``, ``text_features``,
+    ``probabilities``) and ``models`` names the models of the roles (``image_encoder``,
+    ``text_encoder``, ``fusion``); the pipeline config says which is which.
+    """
     repository = Path(repository)
     rng = np.random.default_rng(seed)
     height, width = image_size
+    t = {n: n for n in ("image", "image_features", "tokens", "text_features", "probabilities")} | dict(tensors or {})
+    m = {r: r for r in ("image_encoder", "text_encoder", "fusion")} | dict(models or {})
     labels = tuple(gen.LABELS)
     vocab = Vocabulary.fit(gen.generate(200, seed=seed).captions, max_words=vocabulary_size, max_length=max_length)
-    image_spec = {"type": "image", "height": height, "width": width, "channels": 3, "color_order": "BGR",
-                  "interpolation": "INTER_LINEAR", "scale": "1/255"}  # fmt: skip
-    text_spec = {"type": "text", "max_length": max_length, "padding": "pre", "truncating": "pre",
+    vocab = Vocabulary(vocab.word_index, vocabulary_size, max_length, padding=padding, truncating=padding)
+    image_spec = {"type": "image", **ImagePreprocessing(height, width, color_order=color_order).to_json()}
+    text_spec = {"type": "text", "max_length": max_length, "padding": padding, "truncating": padding,
                  "vocabulary_file": "vocab.json"}  # fmt: skip
     plans = [
-        ("image_encoder", image_encoder(rng, height, width), [TensorSpec("image", "FP32", (-1, height, width, 3))],
-         [TensorSpec("image_features", "FP32", (-1, FEATURES))], image_spec),
-        ("text_encoder", text_encoder(rng, vocabulary_size, max_length),
-         [TensorSpec("tokens", "INT32", (-1, max_length), (0, vocabulary_size))],
-         [TensorSpec("text_features", "FP32", (-1, FEATURES))], text_spec),
-        ("fusion", fusion(rng, len(labels)),
-         [TensorSpec("image_features", "FP32", (-1, FEATURES)), TensorSpec("text_features", "FP32", (-1, FEATURES))],
-         [TensorSpec("probabilities", "FP32", (-1, len(labels)))], {}),
+        (m["image_encoder"], image_encoder(rng, height, width),
+         [TensorSpec(t["image"], "FP32", (-1, height, width, 3))],
+         [TensorSpec(t["image_features"], "FP32", (-1, FEATURES))], image_spec),
+        (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length),
+         [TensorSpec(t["tokens"], "INT32", (-1, max_length), (0, vocabulary_size))],
+         [TensorSpec(t["text_features"], "FP32", (-1, FEATURES))], text_spec),
+        (m["fusion"], fusion(rng, len(labels)),
+         [TensorSpec(t["image_features"], "FP32", (-1, FEATURES)),
+          TensorSpec(t["text_features"], "FP32", (-1, FEATURES))],
+         [TensorSpec(t["probabilities"], "FP32", (-1, len(labels)))], {}),
     ]  # fmt: skip
     for name, model, inputs, outputs, preprocessing in plans:
         vdir = repository / name / "1"
         vdir.mkdir(parents=True)
-        onnx.save(model, str(vdir / MODEL_FILE))
-        if name == "text_encoder":
+        onnx.save(_renamed(model, t), str(vdir / MODEL_FILE))
+        if name == m["text_encoder"]:
             vocab.save(vdir / "vocab.json")
         config = ModelConfig(
             name=name, version=1, platform=PLATFORM_ONNX, inputs=tuple(inputs), outputs=tuple(outputs),
             max_batch_size=max_batch_size, model_file=MODEL_FILE, sha256=sha256_file(vdir / MODEL_FILE), opset=OPSET,
-            preprocessing=preprocessing, labels=labels if name == "fusion" else (),
-            vocabulary_file="vocab.json" if name == "text_encoder" else None,
+            preprocessing=preprocessing, labels=labels if name == m["fusion"] else (),
+            vocabulary_file="vocab.json" if name == m["text_encoder"] else None,
         )  # fmt: skip
         write_json(vdir / CONFIG_FILE, config.to_json())
     pdir = repository / PIPELINE_NAME / "1"
     pdir.mkdir(parents=True)
     vocab.save(pdir / "vocab.json")
     write_json(pdir / "labels.json", list(labels))
+    roles = {
+        "image_encoder": {"model": m["image_encoder"], "input": t["image"], "output": t["image_features"]},
+        "text_encoder": {"model": m["text_encoder"], "input": t["tokens"], "output": t["text_features"]},
+        "fusion": {"model": m["fusion"], "image_input": t["image_features"], "text_input": t["text_features"],
+                   "output": t["probabilities"]},
+    }  # fmt: skip
     pipeline = ModelConfig(
         name=PIPELINE_NAME, version=1, platform=PLATFORM_PIPELINE,
         inputs=(TensorSpec("IMAGE", "BYTES", (-1,)), TensorSpec("TEXT", "BYTES", (-1,))),
         outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, len(labels))), TensorSpec("LABEL", "BYTES", (-1,))),
-        max_batch_size=max_batch_size, steps={"image_encoder": 1, "text_encoder": 1, "fusion": 1},
-        preprocessing={"image": image_spec, "text": text_spec}, labels=labels, vocabulary_file="vocab.json",
+        max_batch_size=max_batch_size, steps={m[r]: 1 for r in ("image_encoder", "text_encoder", "fusion")},
+        roles=roles, preprocessing={"image": image_spec, "text": text_spec}, labels=labels,
+        vocabulary_file="vocab.json",
     )  # fmt: skip
     write_json(pdir / CONFIG_FILE, pipeline.to_json())
     return repository

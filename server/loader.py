@@ -1,0 +1,167 @@
+"""From a model repository on disk to serving entries: sessions, batchers, pipelines, warm-up.
+
+``select_configs`` reads the configs the version policy picks (and the exact step versions each
+pipeline was exported with); ``load_onnx`` gives a tensor model its onnxruntime session and batcher
+and warms it up; ``load_pipeline`` resolves a pipeline's plan against its steps and builds it. A
+model that fails becomes a FAILED entry with the reason, and the others still serve.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+from fusionserve.errors import DeviceUnavailableError, RepositoryError
+from fusionserve.preprocess import encode_png
+from fusionserve.repository import (
+    PLATFORM_PIPELINE,
+    ModelConfig,
+    list_models,
+    list_versions,
+    load_config,
+    select_versions,
+    version_dir,
+)
+from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.limits import Limits
+from fusionserve.server.metrics import Metrics
+from fusionserve.server.pipeline import MultimodalPipeline
+from fusionserve.server.pipeline_config import resolve
+from fusionserve.server.registry import FAILED, READY, ModelEntry, ModelRegistry
+from fusionserve.server.runtime import OnnxModel
+from fusionserve.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def select_configs(
+    repo: Path, settings: ServerSettings, registry: ModelRegistry
+) -> dict[tuple[str, int], ModelConfig]:
+    """The configs to load: each model's versions by policy, plus every pipeline's pinned steps.
+
+    A config that does not load is registered as a FAILED entry instead.
+    """
+    configs: dict[tuple[str, int], ModelConfig] = {}
+
+    def read(name: str, version: int) -> None:
+        try:
+            configs[(name, version)] = load_config(repo, name, version)
+        except RepositoryError as e:
+            registry.add(ModelEntry(name, version, None, FAILED, str(e)))
+
+    for name in list_models(repo):
+        policy = settings.model_version_policy.get(name, settings.version_policy)
+        for version in select_versions(list_versions(repo, name), policy):
+            read(name, version)
+    for config in list(configs.values()):
+        if config.platform == PLATFORM_PIPELINE:
+            for step, step_version in config.steps.items():
+                if (step, step_version) not in configs and not registry.has(step, step_version):
+                    read(step, step_version)
+    return configs
+
+
+async def load_onnx(
+    repo: Path, config: ModelConfig, settings: ServerSettings, executor: Executor, metrics: Metrics
+) -> ModelEntry:
+    """A tensor model's entry: READY with its session and running batcher, or FAILED with the reason.
+
+    Raises:
+        DeviceUnavailableError: ``device=cuda`` and CUDA does not load (fatal for the whole server).
+    """
+    entry = ModelEntry(config.name, config.version, config)
+    s = settings
+    try:
+        assert config.model_file is not None
+        model = OnnxModel(
+            config,
+            version_dir(repo, config.name, config.version) / config.model_file,
+            device=s.device,
+            cuda_options=s.cuda_provider_options(),
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+            graph_optimization_level=s.graph_optimization_level,
+            io_binding=s.io_binding,
+        )
+        entry.model, entry.providers = model, model.providers
+        batcher = DynamicBatcher(
+            config.name,
+            model.run,
+            executor,
+            max_batch_size=s.max_batch_size or config.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue_size=s.max_queue_size,
+            stats=metrics.batch_stats(config.name),
+        )
+        await batcher.start()
+        entry.batcher = batcher
+        metrics.queued.labels(config.name).set_function(_queued(batcher))
+        if s.warmup:
+            await batcher.submit(_warmup_inputs(config, 1))
+            if model.on_cuda and batcher.max_batch_size > 1:
+                await batcher.submit(_warmup_inputs(config, batcher.max_batch_size))
+        entry.state = READY
+        logger.info("model %s v%d READY on %s", config.name, config.version, model.providers)
+    except DeviceUnavailableError:
+        raise
+    except Exception as e:  # any failure to load marks this model FAILED, others go on
+        entry.state, entry.reason = FAILED, str(e)
+        if entry.batcher is not None:
+            await entry.batcher.aclose()
+    return entry
+
+
+def _queued(batcher: DynamicBatcher) -> Callable[[], int]:
+    return lambda: batcher.queued_items
+
+
+async def load_pipeline(
+    repo: Path, config: ModelConfig, registry: ModelRegistry, settings: ServerSettings, executor: Executor,
+    limits: Limits,
+) -> ModelEntry:  # fmt: skip
+    """A pipeline's entry over its (already loaded) steps: READY, or FAILED with the reason."""
+    entry = ModelEntry(config.name, config.version, config)
+    try:
+        steps = {}
+        for model, version in config.steps.items():
+            step = registry.find(model, version) if registry.has(model, version) else None
+            if step is None or step.state != READY or step.batcher is None or step.config is None:
+                why = step.reason if step is not None else "not in the repository"
+                raise RepositoryError(f"step {model} v{version} is not ready: {why}")
+            steps[model] = step
+        plan = resolve(config, {m: s.config for m, s in steps.items() if s.config}, version_dir(repo, config.name,
+                                                                                               config.version))
+        image, text, fusion = (steps[step.model] for step in plan.steps)
+        assert image.batcher and text.batcher and fusion.batcher
+        entry.pipeline = MultimodalPipeline(
+            plan=plan,
+            image=image.batcher,
+            text=text.batcher,
+            fusion=fusion.batcher,
+            executor=executor,
+            limits=limits,
+            max_batch_size=settings.max_batch_size or config.max_batch_size,
+            max_inflight_items=settings.max_pipeline_items,
+        )
+        entry.providers = sorted({p for s in steps.values() for p in s.providers})
+        if settings.warmup:
+            preprocessing = plan.image_preprocessing
+            image_bytes = encode_png(np.full((preprocessing.height, preprocessing.width, 3), 127, np.uint8))
+            await entry.pipeline.run([image_bytes], ["warm up"])
+        entry.state = READY
+        logger.info("pipeline %s v%d READY (steps %s)", config.name, config.version, config.steps)
+    except Exception as e:  # a broken pipeline must not take the tensor models down with it
+        entry.state, entry.reason = FAILED, str(e)
+    return entry
+
+
+def _warmup_inputs(config: ModelConfig, rows: int) -> dict[str, np.ndarray]:
+    """Inputs of ``rows`` rows the model takes: zeros (the lowest value of a declared range)."""
+    return {
+        t.name: np.full([rows, *(max(d, 1) for d in t.shape[1:])], t.range[0] if t.range else 0, t.dtype)
+        for t in config.inputs
+    }
