@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the client subcommands to the ``fusionserve`` parser."""
     p = sub.add_parser("classify", help="classify an image + text pair on a server")
     _connection_args(p, 10.0)
-    p.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG or BMP)")
+    p.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG, BMP or WebP)")
     p.add_argument("--text", required=True, help="the caption")
     p.add_argument("--model", default="", help="pipeline model (default: multimodal)")
     p.add_argument("--model-version", type=int, default=0, help="0 for the latest")

@@ -15,7 +15,7 @@ from fusionserve.client.errors import FusionClientError
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 """A file path, encoded image bytes (PNG, JPEG, BMP), or a BGR uint8 array (sent as PNG)."""
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def _invalid(message: str) -> FusionClientError:
@@ -77,7 +77,7 @@ def directory_inputs(folder: Path) -> list[tuple[bytes, str]]:
     or else its file stem with ``_`` and ``-`` read as spaces (``red_circle.png`` → "red circle").
 
     Raises:
-        ValueError: the folder holds no PNG, JPEG or BMP file.
+        ValueError: the folder holds no PNG, JPEG, BMP or WebP file.
     """
     folder = Path(folder)
     captions: dict[str, str] = {}

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from fusionserve.errors import FusionServeError
+from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_OPSET, DEFAULT_SAMPLES
 
 
 def quiet_tensorflow() -> None:
@@ -72,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the image, text and fusion models on generated data")
     p.add_argument("--out", type=Path, required=True, help="folder for the .keras files and metrics.json")
     p.add_argument("--backbone", choices=["small", "vgg16"], default="small")
-    p.add_argument("--samples", type=int, default=5000, help="training pairs (held-out sets: 20%% each)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="training pairs (held-out sets: 20%% each)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
@@ -85,5 +86,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=Path, help="vocabulary JSON (as 'fusionserve train' writes it)")
     p.add_argument("--labels", type=Path, help="JSON list of class labels (optional)")
     p.add_argument("--repository", type=Path, required=True)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.set_defaults(func=cmd_export)

@@ -22,9 +22,11 @@ import numpy as np
 
 from fusionserve import data as gen
 from fusionserve.errors import ExportError
+from fusionserve.export import DEFAULT_OPSET
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image, encode_png, preprocess_image
 from fusionserve.repository import (
     CONFIG_FILE,
+    DEFAULT_MAX_BATCH_SIZE,
     MODEL_FILE,
     PIPELINE_NAME,
     PLATFORM_ONNX,
@@ -38,11 +40,9 @@ from fusionserve.repository import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_SAMPLES = 64
 PARITY_SEED = 1_000_003
-DEFAULT_MAX_BATCH_SIZE = 64
 
 # Ops onnxruntime's CUDA execution provider runs (a conservative subset). Loop/Scan/If are left
 # out on purpose: they fall back to host control flow and kill batching throughput.
@@ -382,7 +382,7 @@ def _export_into(
         preprocessing={
             "image": plans[0][5],
             "text": plans[1][5],
-            "description": "IMAGE (encoded PNG/JPEG/BMP bytes) → image_encoder; TEXT (UTF-8) → "
+            "description": "IMAGE (encoded PNG/JPEG/BMP/WebP bytes) → image_encoder; TEXT (UTF-8) → "
             "tokens → text_encoder; both features → fusion → PROBABILITIES, LABEL = labels[argmax]",
         },
         labels=tuple(labels),

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from fusionserve import data as gen
+from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_SAMPLES
 from fusionserve.preprocess import Vocabulary
 from fusionserve.repository import write_json
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SAMPLES = 5000
-DEFAULT_EPOCHS = 3
 BATCH_SIZE = 64
 
 

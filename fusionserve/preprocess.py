@@ -151,7 +151,7 @@ def decode_image(data: bytes) -> np.ndarray:
         InvalidInputError: the bytes are empty or not an image OpenCV can decode.
     """
     if not data:
-        raise InvalidInputError("image is empty: send encoded PNG, JPEG or BMP bytes")
+        raise InvalidInputError("image is empty: send encoded PNG, JPEG, BMP or WebP bytes")
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as e:
@@ -161,7 +161,7 @@ def decode_image(data: bytes) -> np.ndarray:
         ) from e
     if image is None:
         raise InvalidInputError(
-            f"image does not decode ({len(data)} bytes): send encoded PNG, JPEG or BMP bytes"
+            f"image does not decode ({len(data)} bytes): send encoded PNG, JPEG, BMP or WebP bytes"
         )
     return image
 

@@ -29,6 +29,7 @@ MODEL_FILE = "model.onnx"
 PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_PIPELINE = "pipeline"
 PIPELINE_NAME = "multimodal"
+DEFAULT_MAX_BATCH_SIZE = 64  # a config that names none
 
 # Model names double as folder names: allow no path separators, dots or other surprises.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
@@ -131,7 +132,7 @@ class ModelConfig:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     model_file: str | None = None
     sha256: str | None = None
     opset: int | None = None
@@ -173,7 +174,7 @@ class ModelConfig:
             platform = str(data["platform"])
             inputs = tuple(TensorSpec.from_json(t, where) for t in data["inputs"])
             outputs = tuple(TensorSpec.from_json(t, where) for t in data["outputs"])
-            max_batch_size = int(data.get("max_batch_size", 64))
+            max_batch_size = int(data.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         except (KeyError, TypeError, ValueError) as e:
             raise RepositoryError(f"{where}: missing or malformed field ({e!r})") from e
         if not is_valid_model_name(name):

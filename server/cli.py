@@ -35,16 +35,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` subcommand."""
+    """Add the ``serve`` subcommand (defaults, shown in the help, are ServerSettings')."""
+    d = ServerSettings()
     p = sub.add_parser("serve", help="serve a model repository over gRPC")
-    p.add_argument("--repository", type=Path, help="model repository (from 'fusionserve export')")
-    p.add_argument("--host", help="bind address (default [::])")
-    p.add_argument("--port", type=int, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002, -1 disables)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution provider (default auto)")
+    p.add_argument("--repository", type=Path, help=f"repository from 'fusionserve export' (default {d.repository})")
+    p.add_argument("--host", help=f"bind address (default {d.host})")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {d.port})")
+    p.add_argument("--metrics-port", type=int, help=f"Prometheus port (default {d.metrics_port}, -1 disables)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"execution provider (default {d.device})")
     p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
-    p.add_argument("--max-queue-delay-ms", type=float, help="batch wait once busy (default 2)")
-    p.add_argument("--shutdown-grace-s", type=float, help="drain time on SIGTERM (default 10)")
+    p.add_argument("--max-queue-delay-ms", type=float, help=f"batch wait once busy (default {d.max_queue_delay_ms:g})")
+    p.add_argument("--shutdown-grace-s", type=float, help=f"drain time on SIGTERM (default {d.shutdown_grace_s:g})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates (mutual TLS)")

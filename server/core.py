@@ -34,7 +34,7 @@ class ServingCore:
     def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.limits = Limits(settings.max_image_bytes, settings.max_image_pixels, settings.max_text_chars)
+        self.limits = Limits.from_settings(settings)
         self.registry = ModelRegistry()
         self._ort_pool: ThreadPoolExecutor | None = None
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")

@@ -23,6 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.request import urlopen
 
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
 LISTENING = re.compile(r"listening on \S+ \(port (\d+)\)")
 METRICS = re.compile(r"metrics on http://[^:]+:(\d+)/metrics")
 
@@ -118,21 +121,24 @@ class ServerProcess:
         with urlopen(self.metrics_url, timeout=10) as response:
             return str(response.read().decode())
 
+    def samples(self) -> list[Sample]:
+        """Every sample the server exports now, parsed by prometheus_client."""
+        return [s for family in text_string_to_metric_families(self.metrics_text()) for s in family.samples]
+
     def metric(self, sample: str) -> float:
-        """One sample (its name and labels, as exported), 0 when absent.
+        """The value of one sample, written as exported (labels in any order), 0 when absent.
 
         E.g. ``'fusionserve_requests_total{api="typed",code="OK",model="multimodal"}'``.
         """
-        for line in self.metrics_text().splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        wanted = next(s for family in text_string_to_metric_families(f"{sample} 0\n") for s in family.samples)
+        return next((s.value for s in self.samples() if s.name == wanted.name and s.labels == wanted.labels), 0.0)
 
     def histogram(self, name: str) -> dict[str, tuple[float, float]]:
         """A histogram's (sum, count) per ``model`` label, e.g. ``fusionserve_batch_size``."""
         out: dict[str, list[float]] = {}
-        for m in re.finditer(rf'^{name}_(sum|count){{model="([^"]+)"}} (\S+)$', self.metrics_text(), re.MULTILINE):
-            out.setdefault(m.group(2), [0.0, 0.0])[0 if m.group(1) == "sum" else 1] = float(m.group(3))
+        for s in self.samples():
+            if s.name in (f"{name}_sum", f"{name}_count") and "model" in s.labels:
+                out.setdefault(s.labels["model"], [0.0, 0.0])[0 if s.name.endswith("_sum") else 1] = s.value
         return {model: (v[0], v[1]) for model, v in out.items()}
 
     def terminate(self) -> None:

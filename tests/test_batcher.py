@@ -11,6 +11,7 @@ import pytest
 
 from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError, QueueFullError
 from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.settings import ServerSettings
 
 
 class Recorder:
@@ -33,8 +34,14 @@ class Recorder:
         return {"y": x * 2}
 
 
+DEFAULTS = ServerSettings()
+
+
 async def make(run, **kw) -> DynamicBatcher:
-    b = DynamicBatcher("m", run, None, max_batch_size=kw.pop("max_batch_size", 8), **kw)
+    """A started batcher with the server's default queue settings, unless ``kw`` says otherwise."""
+    kw = {"max_batch_size": 8, "max_queue_delay_s": DEFAULTS.max_queue_delay_ms / 1000,
+          "max_queue_size": DEFAULTS.max_queue_size, **kw}  # fmt: skip
+    b = DynamicBatcher("m", run, None, **kw)
     await b.start()
     return b
 
@@ -170,7 +177,7 @@ async def test_tiny_models_run_on_the_loop_and_slow_ones_in_the_executor():
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
         for run, expected in ((tiny, threading.current_thread().name), (slow, "pool_0")):
             threads.clear()
-            b = DynamicBatcher("m", run, pool, max_batch_size=4)
+            b = DynamicBatcher("m", run, pool, max_batch_size=4, max_queue_delay_s=0.002, max_queue_size=64)
             await b.start()
             for _ in range(3):
                 await b.submit({"x": np.zeros((1, 1))})

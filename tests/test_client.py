@@ -107,7 +107,8 @@ def test_models_and_health(client):
 ERRORS = {
     "unknown model": (lambda c, s: c.classify(s[0][0], s[0][1], model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
     "unknown version": (lambda c, s: c.model("multimodal", 99), grpc.StatusCode.NOT_FOUND, "99"),
-    "undecodable image": (lambda c, s: c.classify(b"not an image", "x"), grpc.StatusCode.INVALID_ARGUMENT, "decode"),
+    "not an image": (lambda c, s: c.classify(b"not an image", "x"), grpc.StatusCode.INVALID_ARGUMENT,
+                     "not in an accepted format"),
     "empty text": (lambda c, s: c.classify_batch([s[0], (s[1][0], " ")]), grpc.StatusCode.INVALID_ARGUMENT, "item 1"),
     "embed nothing": (lambda c, s: c.embed(), grpc.StatusCode.INVALID_ARGUMENT, ""),
 }
@@ -177,7 +178,7 @@ def test_stream_answers_bad_items_in_band_and_goes_on(client, samples, tmp_path)
     for i in (1, 2, 3):
         error = results[i].error
         assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "decode" in results[1].error.details and "missing.png" in results[2].error.details
+    assert "accepted format" in results[1].error.details and "missing.png" in results[2].error.details
 
 
 def test_stream_can_be_left_early(client, samples):

@@ -115,7 +115,7 @@ def test_stream_reports_bad_items_in_band_and_goes_on(stub, samples):
     assert set(responses) == {"a", "b", "c", "d", "e"}
     a = responses["a"]
     assert [r.HasField("error") for r in a.results] == [False, True, False]
-    assert a.results[1].error.code == "INVALID_ARGUMENT" and "does not decode" in a.results[1].error.message
+    assert a.results[1].error.code == "INVALID_ARGUMENT" and "accepted format" in a.results[1].error.message
     assert a.results[0].label and a.results[2].label
     assert responses["b"].error.code == "INVALID_ARGUMENT" and "empty batch" in responses["b"].error.message
     assert responses["c"].error.code == "NOT_FOUND"
@@ -124,7 +124,8 @@ def test_stream_reports_bad_items_in_band_and_goes_on(stub, samples):
 
 
 BAD_REQUESTS = {
-    "undecodable image": ([(b"\x89PNG garbage", "a")], {}, grpc.StatusCode.INVALID_ARGUMENT, "does not decode"),
+    "not an image": ([(b"\x89PNG garbage", "a")], {}, grpc.StatusCode.INVALID_ARGUMENT, "not in an accepted format"),
+    "undecodable image": ([("BROKEN", "a")], {}, grpc.StatusCode.INVALID_ARGUMENT, "does not decode"),
     "empty image": ([(b"", "a red circle")], {}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     "empty text": ([("GOOD", "  ")], {}, grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
     "over-long text": ([("GOOD", "x" * 10_001)], {}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit"),
@@ -141,7 +142,8 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 def test_bad_requests_get_the_right_status_and_message(stub, samples, case, mode):
     items, kw, code, words = BAD_REQUESTS[case]
-    items = [(samples[0][0] if img == "GOOD" else img, text) for img, text in items]
+    broken = samples[0][0][:40] + b"\x00" * 200  # a PNG header that holds, then garbage
+    items = [({"GOOD": samples[0][0], "BROKEN": broken}.get(img, img), text) for img, text in items]
     if mode == "unary":
         with pytest.raises(grpc.RpcError) as info:
             stub.Classify(request(items, **kw))

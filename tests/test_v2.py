@@ -635,7 +635,7 @@ ERROR_CASES = [
     (case_bytes_count_mismatch, INVALID, "'IMAGE'"),
     (case_batch_sizes_differ, INVALID, "batch size"),
     (case_text_not_utf8, INVALID, "'TEXT'"),
-    (case_image_not_an_image, INVALID, "decode"),
+    (case_image_not_an_image, INVALID, "accepted format"),
     (case_unknown_output, INVALID, "'LOGITS'"),
     (case_output_twice, INVALID, "'LABEL'"),
     (case_classification, INVALID, "classification"),

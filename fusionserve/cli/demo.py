@@ -6,8 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_SAMPLES
 
-def run_demo(workdir: Path, *, samples: int = 5000, epochs: int = 3, seed: int = 0) -> int:
+
+def run_demo(workdir: Path, *, samples: int = DEFAULT_SAMPLES, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> int:
     """Run the whole product once and print what each step did."""
     from fusionserve.export.cli import quiet_tensorflow
 
@@ -64,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser("demo", help="train → export → serve → classify, end to end")
     p.add_argument("--workdir", default="fusionserve-demo", help="where models and the repository go")
-    p.add_argument("--samples", type=int, default=5000)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
