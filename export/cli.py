@@ -13,26 +13,45 @@ from fusionserve.errors import FusionServeError
 from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_OPSET, DEFAULT_SAMPLES
 
 
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up lines and Python warnings out of the output (call before importing it)."""
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and let it find its devices without its C++ start-up lines in the output.
+
+    TensorFlow's native code writes to file descriptor 2 while it loads (oneDNN and CPU-feature
+    notices, "Could not find cuda drivers", a cuInit error on machines without a GPU), before any
+    Python setting can quiet it: those writes go to a temporary file, shown only if the import fails.
+    Python-level warnings and logs of TensorFlow stay at ERROR from then on.
+    """
+    import logging
     import os
-    import warnings
+    import sys
+    import tempfile
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its notice is one of those lines
-    warnings.filterwarnings("ignore", module="tensorflow")
-    warnings.filterwarnings("ignore", module="keras")
-    try:
-        import absl.logging
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
 
-        absl.logging.set_verbosity(absl.logging.ERROR)
-    except ImportError:
-        pass
+            tf.config.list_physical_devices()  # the device probe (cuInit) happens here, not mid-training
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    tf.get_logger().setLevel(logging.ERROR)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the models and print their metrics."""
-    quiet_tensorflow()
+    import_tensorflow_quietly()
     from fusionserve.export.train import train
 
     result = train(args.out, backbone=args.backbone, samples=args.samples, epochs=args.epochs, seed=args.seed)
@@ -49,7 +68,7 @@ def _print_export(result) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export trained models (or the user's own .keras files) into a model repository."""
-    quiet_tensorflow()
+    import_tensorflow_quietly()
     from fusionserve.export.convert import export_files, export_from_dir
 
     own = [args.image_model, args.text_model, args.fusion_model, args.vocab]

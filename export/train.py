@@ -41,8 +41,8 @@ def _attribute_targets(names: list[str], vocabulary: tuple[str, ...] | list[str]
     return np.array([index[n] for n in names], np.int64)
 
 
-def _fit(model, inputs, targets, validation, epochs: int, label: str) -> None:
-    """Fit with a progress display (a bar on a terminal, a line per epoch otherwise)."""
+def _fit(model, inputs, targets, validation, epochs: int, label: str, progress: bool) -> None:
+    """Fit; with ``progress``, Keras' display (a bar on a terminal, a line per epoch otherwise)."""
     logger.info("training %s for %d epochs", label, epochs)
     model.fit(
         inputs,
@@ -50,16 +50,22 @@ def _fit(model, inputs, targets, validation, epochs: int, label: str) -> None:
         batch_size=BATCH_SIZE,
         epochs=epochs,
         validation_data=validation,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=(1 if sys.stdout.isatty() else 2) if progress else 0,
         shuffle=True,
     )
 
 
 def _accuracy(model, inputs, labels: np.ndarray) -> float:
-    probs = model.predict(inputs, batch_size=256, verbose=0)
-    if isinstance(probs, (list, tuple)):
-        probs = probs[0]
-    return float((np.asarray(probs).argmax(1) == labels).mean())
+    """Accuracy of the first output, by direct calls in batches (``predict`` retraces its graph per model)."""
+    parts = inputs if isinstance(inputs, list) else [inputs]
+    correct = 0
+    for start in range(0, len(labels), BATCH_SIZE):
+        batch = [p[start : start + BATCH_SIZE] for p in parts]
+        probs = model(batch if len(batch) > 1 else batch[0], training=False)
+        if isinstance(probs, (list, tuple)):
+            probs = probs[0]
+        correct += int((np.asarray(probs).argmax(1) == labels[start : start + BATCH_SIZE]).sum())
+    return correct / len(labels)
 
 
 def train(
@@ -70,6 +76,7 @@ def train(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     probes: bool = True,
+    progress: bool = True,
 ) -> TrainResult:
     """Generate data, train the three models wired together, save them and ``metrics.json``.
 
@@ -138,6 +145,7 @@ def train(
         (list(x_val), [val_set.labels, *aux_targets(val_set, True, True)]),
         epochs,
         "the fused model (image + text)",
+        progress,
     )
     metrics: dict = {
         "backbone": backbone,
@@ -164,6 +172,7 @@ def train(
                 (x_val[index], [val_set.labels, *aux_targets(val_set, modality == "image", modality == "text")]),
                 epochs,
                 f"the {modality}-only probe",
+                progress,
             )
             metrics[f"{modality}_only_test_accuracy"] = _accuracy(probe, x_test[index], test_set.labels)
 

@@ -551,3 +551,22 @@ def test_cli_export_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "error" in captured.err and str(missing) in captured.err
     assert captured.out == ""
     assert not (tmp_path / "repo").exists()
+
+
+@slow
+def test_cli_train_prints_our_lines_and_none_of_tensorflows(tmp_path: Path) -> None:
+    """No C++ start-up lines, cuInit error or tf.function retracing warning between our own lines."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a newcomer's shell has it
+    done = subprocess.run(
+        [sys.executable, "-m", "fusionserve", "train", "--out", str(tmp_path / "t"), "--samples", "300",
+         "--epochs", "1"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for noise in ("absl::InitializeLog", "cudart_stub", "cuInit", "retracing", "oneDNN", "cpu_feature_guard"):
+        assert noise not in output, f"{noise!r} in:\n{output[-3000:]}"
+    assert "training the image-only probe" in output and '"fused_test_accuracy"' in done.stdout

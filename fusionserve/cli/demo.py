@@ -11,9 +11,9 @@ from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_SAMPLES
 
 def run_demo(workdir: Path, *, samples: int = DEFAULT_SAMPLES, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> int:
     """Run the whole product once and print what each step did."""
-    from fusionserve.export.cli import quiet_tensorflow
+    from fusionserve.export.cli import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()
     from fusionserve import data
     from fusionserve.client import FusionClient
     from fusionserve.export.convert import export_from_dir
@@ -25,7 +25,7 @@ def run_demo(workdir: Path, *, samples: int = DEFAULT_SAMPLES, epochs: int = DEF
     trained, repository = workdir / "trained", workdir / "model-repository"
     started = time.perf_counter()
     print(f"[1/4] training on {samples} generated image-caption pairs ({epochs} epochs)…", flush=True)
-    metrics = train(trained, samples=samples, epochs=epochs, seed=seed).metrics
+    metrics = train(trained, samples=samples, epochs=epochs, seed=seed, progress=False).metrics
     print(f"      fused test accuracy {metrics['fused_test_accuracy']:.3f} | "
           f"image-only probe {metrics['image_only_test_accuracy']:.3f} | "
           f"text-only probe {metrics['text_only_test_accuracy']:.3f}")  # fmt: skip
