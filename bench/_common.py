@@ -145,6 +145,32 @@ def samples(n: int, seed: int = 99, size: int = 64) -> list[tuple[bytes, str]]:
     return encoded_pairs(n, seed, size)
 
 
+def load(
+    target: str,
+    items: Sequence[tuple[bytes, str]] | None = None,
+    *,
+    duration_s: float,
+    warmup_s: float = 0.5,
+    payloads: Sequence[bytes] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """One run of the load generator (fusionserve.client.loadgen) against ``target``, its figures flat.
+
+    ``settings`` are LoadSettings fields (api, mode, concurrency, streams, rate, batch_size, model,
+    connections, …); ``items`` are the (image, text) pairs, or ``payloads`` the pre-serialised requests.
+    """
+    from fusionserve.client.loadgen import LoadSettings, run
+
+    s = LoadSettings(target=[target], duration_s=duration_s, warmup_s=warmup_s, progress=False, **settings)
+    r = run(s, items, payloads=payloads).results
+    latency = r["latency_ms"]
+    out = {"items_per_s": r["items_per_s"], "requests_per_s": r["requests_per_s"], "errors": r["error_count"],
+           **{f"{p}_ms": latency.get(p, float("nan")) for p in ("p50", "p90", "p99", "max")}}  # fmt: skip
+    if s.open_loop:
+        out["offered_items_per_s"] = s.rate * s.batch_size
+    return out
+
+
 def server_cuda_options(**overrides: str) -> dict[str, str]:
     """The server's default CUDA provider options (ServerSettings), with ``overrides`` on top."""
     from fusionserve.server.settings import ServerSettings

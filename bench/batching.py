@@ -1,12 +1,13 @@
 """Dynamic batching: off vs on by concurrency, at the same offered load, and the queue-delay trade-off.
 
-One item per typed unary ``Classify`` call, from ``grpc.aio`` callers in this process, against
-``fusionserve serve`` in a child process:
+One item per typed unary ``Classify`` call, from the project's load generator
+(``fusionserve.client.loadgen``) in this process, against ``fusionserve serve`` in a child process:
 
-1. batching off (``--max-batch-size 1``) vs on (the default ``--max-queue-delay-ms 2``) at
+1. batching off (``--max-batch-size 1``) vs on (the default ``--max-queue-delay-ms``) at
    concurrency 1, 4, 16 and 64 (closed loop: each caller sends its next call when the last returns);
 2. both at the *same* offered load (open loop, a fixed arrival rate: a fraction of batching off's
-   best throughput), the fair test of "p99 no worse than batching off at the same throughput";
+   best throughput; latency from each call's intended time), the fair test of "p99 no worse than
+   batching off at the same throughput";
 3. ``--max-queue-delay-ms`` 0, 1, 2, 5, 10, 20 at concurrency 16 (plot: p99 against items/s).
 
 The server's mean image-encoder batch size (from its Prometheus metrics) shows batching at work.
@@ -17,55 +18,18 @@ The server's mean image-encoder batch size (from its Prometheus metrics) shows b
 from __future__ import annotations
 
 import argparse
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-from _common import ServerProcess, machine, percentiles, pyplot, repository, result_name, samples, save_figure, write
-from overhead import _request, bench_unary
+from _common import ServerProcess, load, machine, pyplot, repository, result_name, samples, save_figure, write
 
-from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from fusionserve.server.settings import ServerSettings
 
 CONCURRENCY = (1, 4, 16, 64)
 DELAYS_MS = (0, 1, 2, 5, 10, 20)
 SWEEP_CONCURRENCY = 16
 BATCH_MODEL = "image_encoder"  # the model whose batch sizes are reported
-
-
-async def bench_paced(target: str, items: list, rate_per_s: float, duration_s: float) -> dict[str, Any]:
-    """Open loop: one-item calls at a fixed rate, latency counted from each call's scheduled time.
-
-    Counting from the schedule (not from when the call went out) keeps a stalled server or load
-    generator from hiding its own queueing (coordinated omission).
-    """
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.FusionServiceStub(channel)
-        await stub.Classify(_request(items, 0, 1))
-        latencies: list[float] = []
-        errors = 0
-
-        async def one(i: int, scheduled: float) -> None:
-            nonlocal errors
-            try:
-                await stub.Classify(_request(items, i, 1), timeout=30)
-                latencies.append(time.perf_counter() - scheduled)
-            except grpc.aio.AioRpcError:
-                errors += 1
-
-        n = max(1, int(rate_per_s * duration_s))
-        started = time.perf_counter()
-        tasks = []
-        for i in range(n):
-            scheduled = started + i / rate_per_s
-            if (wait := scheduled - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return {"offered_items_per_s": rate_per_s, "items_per_s": len(latencies) / elapsed, "errors": errors,
-            **percentiles(latencies)}  # fmt: skip
+DEFAULT_DELAY_MS = ServerSettings().max_queue_delay_ms
 
 
 def mean_batch(server: ServerProcess, before: dict[str, tuple[float, float]]) -> float:
@@ -75,10 +39,10 @@ def mean_batch(server: ServerProcess, before: dict[str, tuple[float, float]]) ->
     return rows / runs if runs else float("nan")
 
 
-def measure(server: ServerProcess, coro) -> dict[str, Any]:
-    """Run one measurement and add the server's mean batch size during it."""
+def measure(server: ServerProcess, items: list, duration_s: float, **settings: Any) -> dict[str, Any]:
+    """One load-generator run of one-item typed unary calls, with the server's mean batch size during it."""
     before = server.histogram("fusionserve_batch_size")
-    result = asyncio.run(coro)
+    result = load(server.target, items, duration_s=duration_s, **settings)
     result["mean_batch"] = mean_batch(server, before)
     return result
 
@@ -101,25 +65,25 @@ def main() -> None:
         "settings": {"duration_s": duration, "items_per_call": 1, "concurrency": CONCURRENCY,
                      "delays_ms": DELAYS_MS, "sweep_concurrency": SWEEP_CONCURRENCY, "device": args.device,
                      "paced_fraction": args.paced_fraction, "repository": str(repo),
-                     "off": "--max-batch-size 1", "on": "--max-queue-delay-ms 2 (default)"},
+                     "off": "--max-batch-size 1", "on": f"--max-queue-delay-ms {DEFAULT_DELAY_MS:g} (default)"},
     }  # fmt: skip
 
     closed: dict[str, dict[int, dict]] = {"off": {}, "on": {}}
     paced: dict[str, dict] = {}
-    modes = {"off": ("--max-batch-size", "1"), "on": ("--max-queue-delay-ms", "2")}
+    modes = {"off": ("--max-batch-size", "1"), "on": ("--max-queue-delay-ms", f"{DEFAULT_DELAY_MS:g}")}
     rate = 0.0
     for mode, flags in modes.items():
         with ServerProcess(repo, *dev, *flags, metrics_port=0) as server:
             for c in CONCURRENCY:
-                closed[mode][c] = measure(server, bench_unary(server.target, items, c, 1, duration))
+                closed[mode][c] = measure(server, items, duration, concurrency=c)
             if mode == "off":  # the open-loop rate both servers are offered
                 rate = args.paced_fraction * max(r["items_per_s"] for r in closed["off"].values())
-            paced[mode] = measure(server, bench_paced(server.target, items, rate, max(duration, 1.0)))
+            paced[mode] = measure(server, items, max(duration, 1.0), rate=rate)
 
     sweep: dict[float, dict] = {}
     for delay in DELAYS_MS:
         with ServerProcess(repo, *dev, "--max-queue-delay-ms", str(delay), metrics_port=0) as server:
-            sweep[delay] = measure(server, bench_unary(server.target, items, SWEEP_CONCURRENCY, 1, duration))
+            sweep[delay] = measure(server, items, duration, concurrency=SWEEP_CONCURRENCY)
 
     results["closed_loop"] = {m: {str(c): v for c, v in r.items()} for m, r in closed.items()}
     results["open_loop"] = paced

@@ -1,17 +1,17 @@
 """Serving on CUDA against raw onnxruntime: throughput, first requests after start, GPU memory held.
 
 1. ``throughput``: the image encoder (``vgg16`` at 224×224 on a GPU) through the server, V2
-   ``ModelStreamInfer`` with ``--batch`` items (default 64) per request, from ``--clients`` client
-   processes with ``--window`` requests in flight each, against a raw onnxruntime session of the
-   server's own setup (provider options, threads, I/O binding) at the same batch size in this
-   process. The goal: served ≥ 0.8 × raw.
+   ``ModelStreamInfer`` with ``--batch`` items (default 64) per request, from the project's load
+   generator over ``--streams`` streams (one connection each) with ``--window`` requests in flight
+   each, against a raw onnxruntime session of the server's own setup (provider options, threads,
+   I/O binding) at the same batch size in this process. The goal: served ≥ 0.8 × raw.
 2. ``first requests``: a fresh server, then one request of every batch size it can form (1 … max)
    to each tensor model, then the same again; the first pass shows what a new shape costs (cuDNN's
    algorithm choice, memory growth) after the warm-up. Run for the server's defaults and for
    ``--compare-option`` settings (``EXHAUSTIVE`` search with onnxruntime's power-of-two arena, say).
 3. GPU memory the server process holds after each part (``nvidia-smi``).
 
-Clients send pre-serialized requests, so the client's own protobuf work stays out of the figures.
+Requests are serialised once beforehand, so the client's own protobuf work stays out of the figures.
 
     python bench/cuda_serving.py --repository REPO [--device cuda] [--duration 5] [--smoke]
 """
@@ -19,9 +19,6 @@ Clients send pre-serialized requests, so the client's own protobuf work stays ou
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
-import multiprocessing
 import statistics
 import subprocess
 import time
@@ -30,14 +27,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _common import OrtModel, ServerProcess, machine, onnx_path, percentiles, repository, time_calls, write
+from _common import OrtModel, ServerProcess, load, machine, onnx_path, repository, time_calls, write
 
 from fusionserve.repository import list_versions, load_config
 from fusionserve.v2 import grpc_service_pb2 as v2pb
 from fusionserve.v2_codec import add_raw_input
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 TENSOR_MODELS = ("image_encoder", "text_encoder", "fusion")
 
@@ -64,60 +60,18 @@ def _request(model: str, feeds: dict[str, np.ndarray], rid: str) -> bytes:
 
 
 # ---- 1. throughput ---------------------------------------------------------------------------
-def _stream_client(target: str, repo: str, model: str, batch: int, window: int, seconds: float,
-                   start_at: float, seed: int) -> dict[str, Any]:  # fmt: skip
-    """One client process: one stream, ``window`` requests in flight, for ``seconds`` from ``start_at``."""
-    payloads = [_request(model, _inputs(Path(repo), model, batch, seed + k), str(k)) for k in range(window)]
-    return asyncio.run(_stream(target, payloads, seconds, start_at))
-
-
-async def _stream(target: str, payloads: list[bytes], seconds: float, start_at: float) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(target, options=UNLIMITED) as channel:
-        call = channel.stream_stream(STREAM, request_serializer=None,
-                                     response_deserializer=v2pb.ModelStreamInferResponse.FromString)  # fmt: skip
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        free: asyncio.Queue[int] = asyncio.Queue()
-        for k in range(len(payloads)):
-            free.put_nowait(k)
-        sent: dict[int, float] = {}
-        latencies: list[float] = []
-        errors = 0
-        started = time.perf_counter()
-        end = started + seconds
-
-        async def requests():
-            while time.perf_counter() < end:
-                k = await free.get()
-                sent[k] = time.perf_counter()
-                yield payloads[k]
-
-        async for response in call(requests()):
-            k = int(response.infer_response.id)
-            latencies.append(time.perf_counter() - sent.pop(k))
-            errors += bool(response.error_message)
-            free.put_nowait(k)
-        return {"requests": len(latencies), "errors": errors, "elapsed_s": time.perf_counter() - started,
-                "latencies": latencies}  # fmt: skip
-
-
-def served_throughput(target: str, repo: Path, model: str, batch: int, clients: int, window: int,
+def served_throughput(target: str, repo: Path, model: str, batch: int, streams: int, window: int,
                       seconds: float) -> dict[str, Any]:  # fmt: skip
-    """Items/s through the server from ``clients`` processes (after a 1 s warm-up of the same load)."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(clients, mp_context=context) as pool:
-        start_at = time.time() + 3.0  # every client has built its requests by then
-        warm = [pool.submit(_stream_client, target, str(repo), model, batch, window, 1.0, start_at, 10 * c)
-                for c in range(clients)]  # fmt: skip
-        concurrent.futures.wait(warm)
-        start_at = time.time() + 3.0
-        jobs = [pool.submit(_stream_client, target, str(repo), model, batch, window, seconds, start_at, 10 * c)
-                for c in range(clients)]  # fmt: skip
-        runs = [j.result() for j in jobs]
-    requests = sum(r["requests"] for r in runs)
-    elapsed = max(r["elapsed_s"] for r in runs)
-    return {"clients": clients, "window": window, "batch": batch, "requests": requests,
-            "errors": sum(r["errors"] for r in runs), "items_per_s": requests * batch / elapsed,
-            **percentiles([x for r in runs for x in r["latencies"]])}  # fmt: skip
+    """Items/s through the server, from the load generator.
+
+    ``streams`` V2 streams (one connection each), ``window`` requests in flight on each, requests of
+    ``batch`` rows serialised once beforehand.
+    """
+    payloads = [_request(model, _inputs(repo, model, batch, seed=k), "") for k in range(window)]
+    result = load(target, payloads=payloads, duration_s=seconds, warmup_s=1.0, api="v2", mode="stream",
+                  model=model, batch_size=batch, streams=streams, connections=streams,
+                  concurrency=streams * window, timeout_s=60)  # fmt: skip
+    return {"streams": streams, "window": window, "batch": batch, **result}
 
 
 def raw_throughput(repo: Path, model: str, batch: int, device: str, seconds: float) -> dict[str, Any]:
@@ -190,7 +144,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput measurement")
     parser.add_argument("--batch", type=int, default=64, help="items per throughput request")
-    parser.add_argument("--clients", default="1,4", help="client process counts to measure, comma-separated")
+    parser.add_argument("--streams", default="1,4", help="stream counts to measure, comma-separated")
     parser.add_argument("--window", type=int, default=2, help="requests in flight per client stream")
     parser.add_argument("--compare-option", action="append", default=[], metavar="SETTING=VALUE",
                         help="a second server for the first-request part, e.g. cuda_conv_algo_search=EXHAUSTIVE")
@@ -217,8 +171,8 @@ def main() -> None:
         first = results["first_requests"] = first_requests(server.target, repo, sizes)
         results["gpu_memory_mib_after_first_requests"] = gpu_memory_mib(server.proc.pid)
         served = results["served"] = {}
-        for clients in (int(c) for c in args.clients.split(",")):
-            served[str(clients)] = served_throughput(server.target, repo, "image_encoder", batch, clients,
+        for streams in (int(c) for c in args.streams.split(",")):
+            served[str(streams)] = served_throughput(server.target, repo, "image_encoder", batch, streams,
                                                      args.window, duration)  # fmt: skip
         results["gpu_memory_mib_after_throughput"] = gpu_memory_mib(server.proc.pid)
     raw = results["raw"] = raw_throughput(repo, "image_encoder", batch, device, duration)
@@ -247,8 +201,8 @@ def main() -> None:
               + f" (again: {statistics.median(v['warm_ms'].values()):.0f} ms median)")  # fmt: skip
     print(f"\nimage_encoder, {batch} items per request: raw onnxruntime {raw['items_per_s']:.0f} items/s "
           f"({raw['ms_per_call']:.2f} ms per call)")  # fmt: skip
-    for clients, v in served.items():
-        print(f"  served, V2 stream, {clients} client process(es) × {args.window} in flight: "
+    for streams, v in served.items():
+        print(f"  served, V2 stream, {streams} stream(s) × {args.window} in flight: "
               f"{v['items_per_s']:.0f} items/s = {v['items_per_s'] / raw['items_per_s']:.2f} × raw, "
               f"p50 {v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms, {v['errors']} errors")  # fmt: skip
     print(f"  best served / raw: {results['served_vs_raw']:.2f}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from fusionserve.client.loadtest import LoadSettings, machine_info, run
+from fusionserve.client.loadgen import LoadSettings, machine_info, run
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2 as v2
 

@@ -1,8 +1,9 @@
 """Serving overhead and dynamic batching, measured side by side in one run.
 
 Compares the raw in-process ``multimodal`` pipeline (same preprocessing and onnxruntime sessions, no
-gRPC, no batcher) with the server: typed unary and stream (and the V2 API when available), at
-concurrency 1 and under load, and dynamic batching on vs off with 32 one-item callers.
+gRPC, no batcher) with the server: typed and V2 APIs, unary and stream, at concurrency 1 and under
+load, and dynamic batching on vs off with 32 one-item callers. The calls come from the project's
+load generator (``fusionserve.client.loadgen``, as ``fusionserve loadtest``), after a 0.5 s warm-up.
 
     python bench/overhead.py [--repository REPO] [--duration 5] [--smoke] [--device cpu|cuda] [--io-binding false]
 """
@@ -10,22 +11,15 @@ concurrency 1 and under load, and dynamic batching on vs off with 32 one-item ca
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
-from _common import OrtModel, ServerProcess, machine, percentiles, repository, result_name, samples, write
+from _common import OrtModel, ServerProcess, load, machine, percentiles, repository, result_name, samples, write
 
 from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
 from fusionserve.repository import load_config, version_dir
-from fusionserve.v1 import fusion_pb2 as pb
-from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
-from fusionserve.v2 import grpc_service_pb2 as v2pb
-from fusionserve.v2 import grpc_service_pb2_grpc as v2pb_grpc
-from fusionserve.v2_codec import serialize_bytes
 
 
 class RawPipeline:
@@ -74,98 +68,6 @@ def bench_raw(raw: RawPipeline, items: list, batch: int, duration_s: float, gap_
     return {"items_per_s": n_items / elapsed, "requests_per_s": len(latencies) / elapsed, **percentiles(latencies)}
 
 
-def _request(items: list, start: int, batch: int, rid: str = "") -> pb.ClassifyRequest:
-    chunk = [items[(start + k) % len(items)] for k in range(batch)]
-    return pb.ClassifyRequest(items=[pb.Item(image=i, text=t) for i, t in chunk], request_id=rid)
-
-
-def _v2_request(items: list, start: int, batch: int, rid: str = "") -> v2pb.ModelInferRequest:
-    """A V2 ``multimodal`` request as tritonclient sends it: raw BYTES with 4-byte length prefixes."""
-    chunk = [items[(start + k) % len(items)] for k in range(batch)]
-    request = v2pb.ModelInferRequest(model_name="multimodal", id=rid)
-    for name in ("IMAGE", "TEXT"):
-        request.inputs.add(name=name, datatype="BYTES", shape=[batch])
-    request.raw_input_contents.append(serialize_bytes([i for i, _ in chunk]))
-    request.raw_input_contents.append(serialize_bytes([t for _, t in chunk]))
-    return request
-
-
-class Api:
-    """How to call one API: the unary and stream methods, request builder, response id and error."""
-
-    def __init__(self, name: str, channel: grpc.aio.Channel) -> None:
-        if name == "typed":
-            stub = pb_grpc.FusionServiceStub(channel)
-            self.unary, self.stream, self.request = stub.Classify, stub.ClassifyStream, _request
-            self.response_id = lambda r: r.request_id
-            self.failed = lambda r: r.HasField("error")
-        else:
-            v2stub = v2pb_grpc.GRPCInferenceServiceStub(channel)
-            self.unary, self.stream, self.request = v2stub.ModelInfer, v2stub.ModelStreamInfer, _v2_request
-            self.response_id = lambda r: r.infer_response.id
-            self.failed = lambda r: bool(r.error_message)
-
-
-async def bench_unary(
-    target: str, items: list, concurrency: int, batch: int, duration_s: float, api: str = "typed"
-) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        calls = Api(api, channel)
-        await calls.unary(calls.request(items, 0, batch))  # connect + warm
-        latencies: list[float] = []
-        errors = 0
-        end = time.perf_counter() + duration_s
-
-        async def worker(w: int) -> None:
-            nonlocal errors
-            i = w * 997
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                try:
-                    await calls.unary(calls.request(items, i, batch), timeout=30)
-                    latencies.append(time.perf_counter() - t)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                i += batch
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return {"items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
-            "errors": errors, **percentiles(latencies)}  # fmt: skip
-
-
-async def bench_stream(
-    target: str, items: list, window: int, batch: int, duration_s: float, api: str = "typed"
-) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        calls = Api(api, channel)
-        await calls.unary(calls.request(items, 0, batch))
-        slots = asyncio.Semaphore(window)
-        sent: dict[str, float] = {}
-        latencies: list[float] = []
-        end = time.perf_counter() + duration_s
-
-        async def requests():
-            n = 0
-            while time.perf_counter() < end:
-                await slots.acquire()
-                rid = str(n)
-                sent[rid] = time.perf_counter()
-                yield calls.request(items, n * batch, batch, rid)
-                n += 1
-
-        started = time.perf_counter()
-        errors = 0
-        async for response in calls.stream(requests()):
-            latencies.append(time.perf_counter() - sent.pop(calls.response_id(response)))
-            errors += calls.failed(response)
-            slots.release()
-        elapsed = time.perf_counter() - started
-    return {"items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
-            "errors": errors, **percentiles(latencies)}  # fmt: skip
-
-
 SERVER_LATENCY = 'fusionserve_request_latency_seconds_{}{{api="typed",model="multimodal"}}'
 
 
@@ -199,7 +101,8 @@ def main() -> None:
     items = samples(512)
     raw = RawPipeline(repo, device=args.device, io_binding=io_binding)
     raw.run(items[:4])
-    raw.run(items[: args.batch])  # on CUDA each new shape pays a cuDNN algorithm search once
+    raw.run(items[: args.batch])  # on CUDA a new shape may pay a cuDNN algorithm search once
+    b = args.batch
     server_args = ("--device", args.device)
     server_env = {"FUSIONSERVE_IO_BINDING": args.io_binding}
     results: dict[str, Any] = {
@@ -215,21 +118,19 @@ def main() -> None:
     with ServerProcess(repo, *server_args, env=server_env, metrics_port=0) as server:
         results["server_rss_mb"] = server.rss_mb()
         before = server_side(server)
-        r["typed_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration))
+        t = server.target
+        r["typed_unary_c1_b1"] = load(t, items, duration_s=duration, concurrency=1)
         results["lone_call_server_side_ms"] = lone = server_side(server, since=before)
-        r[f"typed_unary_c4_b{args.batch}"] = asyncio.run(bench_unary(server.target, items, 4, args.batch, duration))
-        r[f"typed_stream_w4_b{args.batch}"] = asyncio.run(bench_stream(server.target, items, 4, args.batch, duration))
-        r["v2_unary_c1_b1"] = asyncio.run(bench_unary(server.target, items, 1, 1, duration, api="v2"))
-        r[f"v2_unary_c4_b{args.batch}"] = asyncio.run(
-            bench_unary(server.target, items, 4, args.batch, duration, api="v2")
-        )
-        r[f"v2_stream_w4_b{args.batch}"] = asyncio.run(
-            bench_stream(server.target, items, 4, args.batch, duration, api="v2")
-        )
-        r["typed_unary_c32_b1_batching_on"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
+        for api in ("typed", "v2"):
+            if api == "v2":
+                r["v2_unary_c1_b1"] = load(t, items, duration_s=duration, api=api, concurrency=1)
+            r[f"{api}_unary_c4_b{b}"] = load(t, items, duration_s=duration, api=api, concurrency=4, batch_size=b)
+            r[f"{api}_stream_w4_b{b}"] = load(t, items, duration_s=duration, api=api, mode="stream", concurrency=4,
+                                              streams=1, batch_size=b)  # fmt: skip
+        r["typed_unary_c32_b1_batching_on"] = load(t, items, duration_s=duration, concurrency=32)
         results["server_rss_mb_after_load"] = server.rss_mb()
     with ServerProcess(repo, *server_args, "--max-batch-size", "1", env=server_env) as server:
-        r["typed_unary_c32_b1_batching_off"] = asyncio.run(bench_unary(server.target, items, 32, 1, duration))
+        r["typed_unary_c32_b1_batching_off"] = load(server.target, items, duration_s=duration, concurrency=32)
     raw_tp = r[f"raw_b{args.batch}"]["items_per_s"]
     ratios = results["ratios"] = {
         "stream_vs_raw_throughput": r[f"typed_stream_w4_b{args.batch}"]["items_per_s"] / raw_tp,

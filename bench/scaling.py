@@ -4,7 +4,8 @@
    batch 1, 2, 4, …, 128, for the ``small`` (64×64) and ``vgg16`` (224×224) backbones. On a slow
    device, batch sizes whose single call exceeds ``--max-call-s`` are skipped (and say so).
 2. ``streams``: items/s against the server with 1, 2, 4 and 8 concurrent typed ``ClassifyStream``
-   streams (one channel, ``--stream-window`` requests in flight per stream, 8 items per request).
+   streams (one channel, ``--stream-window`` requests in flight per stream, 8 items per request),
+   sent by the project's load generator (``fusionserve.client.loadgen``).
 3. ``text``: texts of 1, 5, 20, 50, 100 and 200 words, 32 per batch, through the tokeniser and the
    text encoder. Tokens are padded/truncated to 100, so the model's cost is flat; the tokeniser's grows.
 
@@ -18,17 +19,16 @@ The ``vgg16`` repository is trained (64 samples, 1 epoch) and exported once into
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 from _common import (
     OrtModel,
     ServerProcess,
+    load,
     machine,
     onnx_path,
     percentiles,
@@ -40,10 +40,8 @@ from _common import (
     time_calls,
     write,
 )
-from overhead import _request
 
 from fusionserve.preprocess import Vocabulary
-from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 STREAMS = (1, 2, 4, 8)
@@ -72,41 +70,6 @@ def bench_batches(model: OrtModel, duration_s: float, max_call_s: float) -> dict
         out[str(batch)] = {"ms_per_call": median * 1000, "items_per_s": batch / median, "calls": len(times),
                            **percentiles(times)}  # fmt: skip
     return out
-
-
-async def bench_streams(target: str, items: list, streams: int, window: int, duration_s: float) -> dict[str, Any]:
-    """``streams`` concurrent ClassifyStream calls on one channel, ``window`` requests in flight each."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.FusionServiceStub(channel)
-        await stub.Classify(_request(items, 0, STREAM_BATCH))
-        latencies: list[float] = []
-        errors = 0
-        end = time.perf_counter() + duration_s
-
-        async def one_stream(s: int) -> None:
-            nonlocal errors
-            slots = asyncio.Semaphore(window)
-            sent: dict[str, float] = {}
-
-            async def requests():
-                n = 0
-                while time.perf_counter() < end:
-                    await slots.acquire()
-                    rid = f"{s}-{n}"
-                    sent[rid] = time.perf_counter()
-                    yield _request(items, (s * 131 + n) * STREAM_BATCH, STREAM_BATCH, rid)
-                    n += 1
-
-            async for response in stub.ClassifyStream(requests()):
-                latencies.append(time.perf_counter() - sent.pop(response.request_id))
-                errors += response.HasField("error")
-                slots.release()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one_stream(s) for s in range(streams)))
-        elapsed = time.perf_counter() - started
-    return {"items_per_s": len(latencies) * STREAM_BATCH / elapsed, "requests": len(latencies), "errors": errors,
-            **percentiles(latencies)}  # fmt: skip
 
 
 def bench_text(repo: Path, device: str, threads: int, io_binding: bool, duration_s: float) -> dict[str, Any]:
@@ -200,7 +163,8 @@ def main() -> None:
         streams = results["streams"] = {}
         for b, repo in repos.items():
             with ServerProcess(repo, *server_args, env=server_env, start_timeout_s=300) as server:
-                streams[b] = {str(n): asyncio.run(bench_streams(server.target, items, n, args.stream_window, duration))
+                streams[b] = {str(n): load(server.target, items, duration_s=duration, mode="stream", streams=n,
+                                           concurrency=n * args.stream_window, batch_size=STREAM_BATCH)
                               for n in STREAMS}  # fmt: skip
         print(f"\nserver, typed ClassifyStream, {STREAM_BATCH} items per request, {args.stream_window} in flight "
               "per stream; × = items/s relative to 1 stream")  # fmt: skip

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from _common import ServerProcess, machine, repository, result_name, samples, write
 
-from fusionserve.client.loadtest import LoadSettings, run_load
+from fusionserve.client.loadgen import LoadSettings, run_load
 
 MAX_RSS_GROWTH = 0.10
 REST_S = 5.0  # after the load stops, wait this long and read the server's RSS once more

@@ -86,7 +86,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     """Run a load test, print the summary, write the JSON report and the plot."""
-    from fusionserve.client.loadtest import LoadSettings, run
+    from fusionserve.client.loadgen import LoadSettings, run
 
     settings = LoadSettings(
         target=_targets(args),

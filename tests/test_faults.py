@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fusionserve.client import FusionClient
-from fusionserve.client.loadtest import LoadSettings, run_load
+from fusionserve.client.loadgen import LoadSettings, run_load
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from tests.processes import OK_STREAM, ServerProcess, start_all, wait_until, write_config

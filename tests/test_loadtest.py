@@ -11,7 +11,7 @@ import pytest
 
 from fusionserve.cli.main import main as cli_main
 from fusionserve.client.inputs import directory_inputs
-from fusionserve.client.loadtest import LoadSettings, run
+from fusionserve.client.loadgen import LoadSettings, run
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from tests.serving import ServicerServer
