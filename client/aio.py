@@ -10,10 +10,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar, Union
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fusionserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE_CODES, TLSConfig, create_channel
 from fusionserve.client.errors import FusionClientError
+from fusionserve.client.health import HEALTH_CHECK, decode_status, encode_request
 from fusionserve.client.inputs import ImageInput, image_bytes, pair, text_of
 from fusionserve.client.results import (
     Classification,
@@ -34,7 +34,6 @@ T = TypeVar("T")
 Items = Union[Iterable[Any], AsyncIterable[Any]]
 """(image, text) pairs, from a plain or an async iterable."""
 
-_HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _RESUMABLE = frozenset(getattr(grpc.StatusCode, name) for name in RETRYABLE_CODES)
 
 
@@ -311,15 +310,14 @@ class AsyncFusionClient:
         Raises:
             FusionClientError: the server cannot be reached (UNAVAILABLE) or times out.
         """
-        stub = health_pb2_grpc.HealthStub(self._admin())
+        check = self._admin().unary_unary(HEALTH_CHECK, request_serializer=encode_request,
+                                          response_deserializer=decode_status)  # fmt: skip
         try:
-            request = health_pb2.HealthCheckRequest(service=service)
-            response = await self._unary(stub.Check, request, timeout_s, wait=False)
+            return await self._unary(check, service, timeout_s, wait=False)
         except FusionClientError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
             raise
-        return _HEALTH_NAMES.get(response.status, "UNKNOWN")
 
 
 # ---- the resumable stream -------------------------------------------------------------------------

@@ -65,6 +65,9 @@ def pair(item: Any) -> tuple[ImageInput, str]:
 # ---- load-test inputs -----------------------------------------------------------------------------
 def generated_inputs(n: int = 64, seed: int = 0) -> list[tuple[bytes, str]]:
     """``n`` generated (PNG bytes, caption) pairs from the training data generator (no TensorFlow)."""
+    from fusionserve.extras import require
+
+    require("server", "generated load-test inputs (OpenCV draws them; or pass --inputs FOLDER)")
     from fusionserve.data import encoded_pairs
 
     return encoded_pairs(n, seed)

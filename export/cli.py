@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fusionserve.errors import FusionServeError
 from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_OPSET, DEFAULT_SAMPLES
+from fusionserve.extras import require
 
 
 def import_tensorflow_quietly() -> None:
@@ -51,6 +52,7 @@ def import_tensorflow_quietly() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the models and print their metrics."""
+    require("export", "fusionserve train")
     import_tensorflow_quietly()
     from fusionserve.export.train import train
 
@@ -68,6 +70,7 @@ def _print_export(result) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export trained models (or the user's own .keras files) into a model repository."""
+    require("export", "fusionserve export")
     import_tensorflow_quietly()
     from fusionserve.export.convert import export_files, export_from_dir
 

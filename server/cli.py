@@ -7,11 +7,13 @@ import asyncio
 import logging
 from pathlib import Path
 
+from fusionserve.extras import require
 from fusionserve.server.settings import ServerSettings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load settings (defaults < --config < FUSIONSERVE_* env < flags) and serve until SIGTERM."""
+    require("server", "fusionserve serve")
     from fusionserve.server.app import serve
 
     overrides = {

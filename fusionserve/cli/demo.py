@@ -12,6 +12,10 @@ from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_SAMPLES
 def run_demo(workdir: Path, *, samples: int = DEFAULT_SAMPLES, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> int:
     """Run the whole product once and print what each step did."""
     from fusionserve.export.cli import import_tensorflow_quietly
+    from fusionserve.extras import require
+
+    require("export", "fusionserve demo")
+    require("server", "fusionserve demo")
 
     import_tensorflow_quietly()
     from fusionserve import data
