@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
     except OSError as e:
         raise ValueError(f"TLS file {e.filename!r}: {e.strerror}") from e
+    # gRPC reads the PEM files only when the port is bound, after the models have loaded, and then
+    # says no more than "failed to bind": check them now with the ssl module, naming the file.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"TLS certificate {str(settings.tls_cert)!r} and key {str(settings.tls_key)!r}: not a PEM certificate "
+            f"chain and its private key ({e.reason or e})"
+        ) from e
+    if settings.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+        except ssl.SSLError as e:
+            ca = str(settings.tls_client_ca)
+            raise ValueError(f"TLS client CA {ca!r}: not PEM certificates ({e.reason or e})") from e
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fusionserve import data as gen
-from fusionserve.export.convert import PARITY_SEED
+from fusionserve.export import DEFAULT_SAMPLES
+from fusionserve.export.convert import PARITY_SAMPLES, PARITY_SEED
 from fusionserve.preprocess import text_to_word_sequence
 
 
@@ -125,8 +126,13 @@ def test_splits_use_distinct_seeds() -> None:
     assert all(np.array_equal(x.images, y.images) for x, y in zip(again, sets[3:6], strict=True))
 
 
-def test_parity_seed_is_not_a_training_seed() -> None:
-    assert PARITY_SEED not in {seed * 3 + k for seed in range(1000) for k in range(3)}
+def test_export_parity_samples_are_held_out_from_training() -> None:
+    """No image the export's parity check uses is one the default training (any of seeds 0-2) saw."""
+    parity = {image.tobytes() for image in gen.generate(PARITY_SAMPLES, PARITY_SEED).images}
+    for seed in range(3):
+        for split in gen.splits(DEFAULT_SAMPLES, seed):
+            seen = {image.tobytes() for image in split.images}
+            assert not parity & seen, f"seed {seed}: parity samples were trained on"
 
 
 def test_bad_arguments() -> None:

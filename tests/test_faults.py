@@ -40,7 +40,11 @@ def admitted_p99_bound_s(capacity: float) -> float:
 REJECTED_P99_S = 0.25
 """Shedding happens before any work (gRPC's accept queue is full, or admission refuses before
 decoding): a few ms at p50, tens of ms at p99 on a quiet machine."""
-RSS_GROWTH_MB = 100
+RSS_SHARE_OF_UNBOUNDED = 0.25
+"""Every queue is bounded (PENDING + PIPELINE calls), so a server shedding N calls grows by far less
+than holding them would take (N × the request's bytes): a quarter of that at most. Measured here:
+5 to 30 MiB of growth (allocator arenas and gRPC buffers) while shedding 16,000 to 22,000 calls of
+about 9 KB (140 to 200 MiB if they had been queued)."""
 
 
 def _request(sample: tuple[bytes, str], request_id: str = "") -> pb.ClassifyRequest:
@@ -84,9 +88,8 @@ def test_overload_sheds_the_excess_fast_and_keeps_admitted_latency_bounded(repos
     config = write_config(tmp_path / "overload.json", max_pending_rpcs=PENDING, max_pipeline_items=PIPELINE,
                           max_queue_size=64)  # fmt: skip
     with ServerProcess(repository, metrics_port=0, config=config) as srv:
-        # Latency bounds are checked on the better of two runs: a neighbour that takes the CPU for a
-        # second inflates every figure on 2 cores, whereas an unbounded queue fails every run.
-        for attempt in (1, 2):  # noqa: B007 - named for the failure message
+        runs = []
+        for attempt in (1, 2):
             run = _overload(srv, samples)
             results, admitted, rejected = run["report"].results, run["admitted"], run["rejected"]
             errors, seen = results["errors"], run["seen"]
@@ -99,22 +102,27 @@ def test_overload_sheds_the_excess_fast_and_keeps_admitted_latency_bounded(repos
             assert seen["RESOURCE_EXHAUSTED"] == errors.get("RESOURCE_EXHAUSTED", 0)
             assert seen["DEADLINE_EXCEEDED"] == seen["CANCELLED"] == seen["UNAVAILABLE"] == seen["INTERNAL"] == 0
             rss_before, rss_after = run["rss"]
-            assert rss_after - rss_before < RSS_GROWTH_MB
             bound_s = admitted_p99_bound_s(run["capacity"])
             admitted_p99, rejected_p99 = np.percentile(admitted, 99), np.percentile(rejected, 99)
             line = (
-                f"overload {OVERLOAD_FACTOR:g}x of {run['capacity']:.0f} req/s for 3 s: {results['ok']} OK, "
-                f"errors {errors}; admitted p50 {np.percentile(admitted, 50) * 1e3:.0f} ms "
+                f"run {attempt}: overload {OVERLOAD_FACTOR:g}x of {run['capacity']:.0f} req/s for 3 s: "
+                f"{results['ok']} OK, errors {errors}; admitted p50 {np.percentile(admitted, 50) * 1e3:.0f} ms "
                 f"p99 {admitted_p99 * 1e3:.0f} ms (bound {bound_s * 1e3:.0f}); rejected p50 "
                 f"{np.percentile(rejected, 50) * 1e3:.1f} ms p99 {rejected_p99 * 1e3:.1f} ms "
                 f"(bound {REJECTED_P99_S * 1e3:.0f}); RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
             )
             print(f"\nfaults: {line}")
-            if admitted_p99 < bound_s and rejected_p99 < REJECTED_P99_S:
-                break
-            print("per second:", run["report"].timeline, "send lag:", results["send_lag_ms"])
-        else:
-            pytest.fail(f"latency bounds missed in {attempt} runs; the last: {line}")
+            runs.append((admitted_p99 < bound_s and rejected_p99 < REJECTED_P99_S, line, run))
+        # Latency bounds hold in the better of the two runs: a neighbour that takes the CPU for a
+        # second inflates every figure on 2 cores, whereas an unbounded queue fails every run.
+        if not any(ok for ok, _, _ in runs):
+            pytest.fail("latency bounds missed in both runs: " + " | ".join(line for _, line, _ in runs))
+        request_mb = len(_request(samples[0]).SerializeToString()) / 2**20
+        for _, line, run in runs:
+            rss_before, rss_after = run["rss"]
+            held_if_unbounded_mb = len(run["rejected"]) * request_mb
+            assert rss_after - rss_before < RSS_SHARE_OF_UNBOUNDED * held_if_unbounded_mb, (
+                f"the server grew by more than a quarter of the {held_if_unbounded_mb:.0f} MiB it shed: {line}")
 
         assert _health(srv.target) == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(srv.target) as channel:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,3 +81,24 @@ def test_bad_security_settings_are_clear_errors(repository, tmp_path):
     empty.write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="holds no token"):
         RunningServer(repository, metrics_port=-1, auth_token_file=empty)
+
+
+@pytest.mark.parametrize("case", ["garbage certificate", "key of another certificate", "garbage client CA"])
+def test_bad_tls_files_fail_at_start_before_any_model_loads(repository, pki, tmp_path, case):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    cert, key, ca = pki / "server.pem", pki / "server.key", None
+    if case == "garbage certificate":
+        cert, needle = garbage, "not a PEM certificate chain and its private key"
+    elif case == "key of another certificate":
+        key, needle = pki / "client.key", "not a PEM certificate chain and its private key"
+    else:
+        ca, needle = garbage, "TLS client CA"
+    args = [sys.executable, "-m", "fusionserve", "serve", "--repository", str(repository), "--port", "0",
+            "--metrics-port", "-1", "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+    if ca is not None:
+        args += ["--tls-client-ca", str(ca)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and "Traceback" not in done.stderr
+    assert "READY" not in done.stderr  # refused before loading any model

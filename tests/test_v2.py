@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,8 @@ from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from fusionserve.v2 import model_config_pb2 as mc
 from fusionserve.v2_codec import decode_outputs, to_raw
+from tests.device import ATOL
+from tests.serving import RunningServer
 
 MODELS = ("image_encoder", "text_encoder", "fusion", "multimodal")
 TYPED_FIELD = {"FP32": "fp32_contents", "INT32": "int_contents", "BYTES": "bytes_contents"}
@@ -372,22 +375,24 @@ def test_model_version_latest_and_explicit(stub, tensor_inputs):
 
 
 @pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed"])
-def test_nan_and_inf_inputs_do_not_crash(stub, typed):
-    image = np.zeros((2, 64, 64, 3), np.float32)
+def test_nan_and_inf_inputs_answer_what_the_graph_computes(stub, sessions, typed):
+    """NaN and ±Inf are values like any other: the answer is onnxruntime's for them, row by row, and
+    a clean row batched with them stays finite."""
+    image = np.zeros((3, 64, 64, 3), np.float32)
     image[0, 0, 0, 0], image[1, 5, 5, 1], image[1, 6, 6, 2] = np.nan, np.inf, -np.inf
     out = decode(stub.ModelInfer(make_request("image_encoder", {"image": ("FP32", image)}, typed=typed)))
-    assert out["image_features"].shape == (2, 64)
-    features = np.full((1, 64), np.nan, np.float32)
-    out = decode(
-        stub.ModelInfer(
-            make_request(
-                "fusion",
-                {"image_features": ("FP32", features), "text_features": ("FP32", np.full((1, 64), np.inf))},
-                typed=typed,
-            )
-        )
-    )
-    assert out["probabilities"].shape == (1, 2)
+    want = sessions["image_encoder"].run(None, {"image": image})[0]
+    np.testing.assert_allclose(out["image_features"], want, atol=ATOL)  # NaN where onnxruntime gives NaN
+    assert np.isnan(out["image_features"][:2]).any() and np.isfinite(out["image_features"][2]).all()
+    image_features = np.full((2, 64), np.nan, np.float32)
+    image_features[1] = 0.5
+    text_features = np.full((2, 64), np.inf, np.float32)
+    text_features[1] = 0.5
+    fused = {"image_features": ("FP32", image_features), "text_features": ("FP32", text_features)}
+    out = decode(stub.ModelInfer(make_request("fusion", fused, typed=typed)))
+    want = sessions["fusion"].run(None, {"image_features": image_features, "text_features": text_features})[0]
+    np.testing.assert_allclose(out["probabilities"], want, atol=ATOL)
+    assert np.isnan(out["probabilities"][0]).all() and np.isfinite(out["probabilities"][1]).all()
     assert stub.ServerLive(pb.ServerLiveRequest()).live
 
 
@@ -730,8 +735,29 @@ def test_stream_continues_after_an_error(stub, tensor_inputs):
     reader.join(10)
 
 
-def test_stream_handles_many_requests_concurrently(stub, tensor_inputs):
-    requests = [make_request("fusion", tensor_inputs["fusion"], id=str(i)) for i in range(100)]
+def test_stream_handles_many_requests_concurrently(server, stub, tensor_inputs):
+    """A stream does not wait for one answer before taking the next request: one-row requests of one
+    stream meet in the batcher, which a request-by-request stream could never do."""
+    batcher = server.server.core.registry.find("fusion").batcher
+    batches_before, rows_before = batcher.batches_run, batcher.items_run
+    requests = [make_request("fusion", {k: (d, v[:1]) for k, (d, v) in tensor_inputs["fusion"].items()}, id=str(i))
+                for i in range(200)]  # fmt: skip
     responses = stream(stub, requests)
-    assert sorted(int(r.infer_response.id) for r in responses) == list(range(100))
+    assert sorted(int(r.infer_response.id) for r in responses) == list(range(200))
     assert not any(r.error_message for r in responses)
+    assert batcher.items_run - rows_before == 200
+    assert batcher.batches_run - batches_before < 200, "every request ran alone: the stream was processed serially"
+
+
+def test_a_failed_model_over_v2_is_not_ready_and_unavailable(repository, tmp_path):
+    repo = Path(shutil.copytree(repository, tmp_path / "repo"))
+    onnx = repo / "image_encoder" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100] + b"\0" * 100)
+    with RunningServer(repo, metrics_port=-1) as srv:
+        v2 = pb_grpc.GRPCInferenceServiceStub(srv.channel())
+        assert v2.ServerReady(pb.ServerReadyRequest()).ready  # the other models serve
+        for name, ready in (("image_encoder", False), ("multimodal", False), ("fusion", True)):
+            assert v2.ModelReady(pb.ModelReadyRequest(name=name)).ready is ready, name
+        error = infer_error(v2, make_request("image_encoder", {"image": ("FP32", np.zeros((1, 64, 64, 3)))}))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "image_encoder" in error.details() and "FAILED" in error.details() and "sha256" in error.details()
