@@ -35,6 +35,9 @@ def image_bytes(image: ImageInput) -> bytes:
             raise _invalid(
                 f"an image array must be uint8 [H, W] or [H, W, 1|3|4] (BGR), got {image.dtype} {list(image.shape)}"
             )
+        from fusionserve.extras import require
+
+        require("server", "a NumPy image (OpenCV encodes it as PNG; or send encoded bytes or a path)")
         from fusionserve.preprocess import encode_png
 
         return encode_png(image)
