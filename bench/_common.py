@@ -5,6 +5,7 @@ Also a small command line, used by ``bench/gpu.sh`` and handy by hand::
     python bench/_common.py repository --backbone vgg16 [--smoke]   # train + export once, print the path
     python bench/_common.py pack REPO DEST      # copy REPO, leaving the weights of big tensors out
     python bench/_common.py unpack DEST         # fill them with random values (no TensorFlow needed)
+    python bench/_common.py export TRAINED REPO # export a trained folder as REPO's next version
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def repository(path: Path | None = None, *, backbone: str = "small", smoke: bool
     if not (repo / "multimodal").is_dir():
         _build("export", backbone, smoke, repo)
     return repo
+
+
+def export_next_version(trained: Path, repo: Path) -> int:
+    """Export ``trained`` into ``repo`` as its next version, in a child process (TensorFlow stays there)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, __file__, "export", str(trained), str(repo)], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise RuntimeError(f"exporting {trained} into {repo} failed")
+    return int(done.stdout.split()[-1])
 
 
 def _build(what: str, backbone: str, smoke: bool, dest: Path) -> None:
@@ -344,11 +356,18 @@ def _main() -> None:
     p.add_argument("dest", type=Path)
     p = sub.add_parser("unpack", help="fill a packed repository with random weights, in place")
     p.add_argument("dest", type=Path)
+    p = sub.add_parser("export", help="export a trained folder into a repository as its next version")
+    p.add_argument("trained", type=Path)
+    p.add_argument("repo", type=Path)
     args = parser.parse_args()
     if args.command == "repository":
         print(_build_here(args.backbone, args.smoke))
     elif args.command == "pack":
         pack_weightless(args.repo, args.dest)
+    elif args.command == "export":
+        from fusionserve.export.convert import export_from_dir
+
+        print(export_from_dir(args.trained, args.repo).pipeline_version)
     else:
         unpack_random(args.dest)
 

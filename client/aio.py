@@ -301,6 +301,32 @@ class AsyncFusionClient:
         stub = pb_grpc.FusionServiceStub(self._admin())
         return model_info(await self._unary(stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout_s))
 
+    async def load_model(self, name: str, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """Load ``name`` from the server's repository (its versions by policy); its versions after.
+
+        Only for servers run with ``--model-control-mode explicit``.
+
+        Raises:
+            FusionClientError: FAILED_PRECONDITION in another mode, NOT_FOUND for a model not in the
+                repository.
+        """
+        stub = pb_grpc.FusionServiceStub(self._admin())
+        response = await self._unary(stub.LoadModel, pb.LoadModelRequest(name=name), timeout_s)
+        return [model_info(m) for m in response.models]
+
+    async def unload_model(self, name: str, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """Unload every version of ``name`` once its calls are done; the server's models after.
+
+        Only for servers run with ``--model-control-mode explicit``.
+
+        Raises:
+            FusionClientError: FAILED_PRECONDITION in another mode or while a loaded pipeline uses
+                the model, NOT_FOUND for a model not loaded.
+        """
+        stub = pb_grpc.FusionServiceStub(self._admin())
+        response = await self._unary(stub.UnloadModel, pb.UnloadModelRequest(name=name), timeout_s)
+        return [model_info(m) for m in response.models]
+
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The gRPC health status: ``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN`` or ``UNKNOWN``.
 

@@ -69,9 +69,16 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the server's models with their state."""
+    """List the server's models with their state; or load or unload one (explicit model control)."""
+    if args.action in ("load", "unload") and not args.name:
+        raise ValueError(f"models {args.action} needs a model name")
     with _client(args) as client:
-        models = client.models()
+        if args.action == "load":
+            models = client.load_model(args.name)
+        elif args.action == "unload":
+            models = client.unload_model(args.name)
+        else:
+            models = client.models()
     if args.json:
         from dataclasses import asdict
 
@@ -150,8 +157,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service", default="", help="a model name, or empty for the whole server")
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser("models", help="list a server's models, versions and states")
-    _connection_args(p, 10.0)
+    p = sub.add_parser("models", help="list a server's models, versions and states; load or unload one")
+    _connection_args(p, 120.0)
+    p.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list",
+                   help="load/unload NAME: the server must run with --model-control-mode explicit")  # fmt: skip
+    p.add_argument("name", nargs="?", help="the model to load or unload")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 

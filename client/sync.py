@@ -116,6 +116,8 @@ class FusionClient:
     embed = _blocking(AsyncFusionClient.embed)
     models = _blocking(AsyncFusionClient.models)
     model = _blocking(AsyncFusionClient.model)
+    load_model = _blocking(AsyncFusionClient.load_model)
+    unload_model = _blocking(AsyncFusionClient.unload_model)
     health = _blocking(AsyncFusionClient.health)
 
     def classify_stream(self, items: Iterable[Any], *, window: int = 16, **kwargs: Any) -> Iterator[StreamResult]:

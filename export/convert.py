@@ -274,7 +274,9 @@ def export(
             staging, image_model, text_model, fusion_model, vocab, labels, repository, opset,
             max_batch_size, samples, source or {},
         )  # fmt: skip
-        for model_dir in staging.iterdir():
+        # Each version folder appears whole (a rename), the steps before the pipeline that pins them,
+        # so a server polling the repository never reads half an export.
+        for model_dir in sorted(staging.iterdir(), key=lambda d: d.name == PIPELINE_NAME):
             for version in model_dir.iterdir():
                 target = repository / model_dir.name / version.name
                 target.parent.mkdir(exist_ok=True)

@@ -35,6 +35,14 @@ class UnauthenticatedError(FusionServeError):
     """The call carries no valid credentials."""
 
 
+class FailedPreconditionError(FusionServeError):
+    """A valid call that the server's settings or state refuse (model control in the wrong mode, say)."""
+
+
+class UnsupportedError(FusionServeError):
+    """A valid request for something this server does not implement."""
+
+
 class RepositoryError(FusionServeError):
     """The model repository on disk is missing, malformed, or does not match its config."""
 

@@ -38,6 +38,8 @@ class FusionServer:
         self.metrics = Metrics()
         self.core = ServingCore(settings, self.metrics)
         self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight)
+        self.core.on_change = self._publish_health  # versions loaded or unloaded while serving
+        self._health_names: set[str] = set()
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -107,11 +109,14 @@ class FusionServer:
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", serving if self.core.registry.ready else not_serving)
         await self.health.set(TYPED_SERVICE, serving if self.core.registry.ready else not_serving)
-        names = {e.name for e in self.core.registry.entries()}
         registry = self.core.registry
+        names = set(registry.names())
         for name in sorted(names):
             up = registry.find(name).state == READY and not registry.draining
             await self.health.set(name, serving if up else not_serving)
+        for name in sorted(self._health_names - names):  # unloaded models
+            await self.health.set(name, not_serving)
+        self._health_names |= names
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish."""

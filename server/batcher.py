@@ -78,7 +78,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._run = run
         self._executor = executor
-        self._stats = stats or BatchStats()
+        self.stats = stats or BatchStats()
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued_items = 0
         self._wakeup: asyncio.Event | None = None
@@ -216,10 +216,10 @@ class DynamicBatcher:
             live.append(work)
         if not live:
             return
-        if self._stats.on_queue_time:
+        if self.stats.on_queue_time:
             started = time.perf_counter()
             for work in live:
-                self._stats.on_queue_time(started - work.enqueued)
+                self.stats.on_queue_time(started - work.enqueued)
         await self._execute(live, loop)
 
     async def _execute(self, live: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
@@ -274,8 +274,8 @@ class DynamicBatcher:
             return
         self.batches_run += 1
         self.items_run += rows
-        if self._stats.on_batch:
-            self._stats.on_batch(rows, compute_s)
+        if self.stats.on_batch:
+            self.stats.on_batch(rows, compute_s)
         offset = 0
         for work in live:
             end = offset + work.size

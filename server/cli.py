@@ -18,6 +18,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "repository": args.repository,
+        "model_control_mode": args.model_control_mode,
+        "repository_poll_secs": args.repository_poll_secs,
         "host": args.host,
         "port": args.port,
         "metrics_port": args.metrics_port,
@@ -41,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = ServerSettings()
     p = sub.add_parser("serve", help="serve a model repository over gRPC")
     p.add_argument("--repository", type=Path, help=f"repository from 'fusionserve export' (default {d.repository})")
+    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
+                   help=f"pick up new versions: poll the repository, none, or explicit load/unload calls "
+                        f"(default {d.model_control_mode})")  # fmt: skip
+    p.add_argument("--repository-poll-secs", type=float,
+                   help=f"seconds between repository reads in poll mode (default {d.repository_poll_secs:g})")
     p.add_argument("--host", help=f"bind address (default {d.host})")
     p.add_argument("--port", type=int, help=f"gRPC port (default {d.port})")
     p.add_argument("--metrics-port", type=int, help=f"Prometheus port (default {d.metrics_port}, -1 disables)")

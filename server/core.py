@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,32 +18,45 @@ import cv2
 import numpy as np
 
 from fusionserve.errors import InvalidInputError, RepositoryError
-from fusionserve.repository import PLATFORM_ONNX, PLATFORM_PIPELINE, ModelConfig
+from fusionserve.repository import ModelConfig
+from fusionserve.server.lifecycle import ModelControl
 from fusionserve.server.limits import Limits
-from fusionserve.server.loader import load_onnx, load_pipeline, select_configs
 from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult
-from fusionserve.server.registry import FAILED, READY, ModelEntry, ModelRegistry
+from fusionserve.server.registry import READY, ModelEntry, ModelRegistry
 from fusionserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
+# At most this many onnxruntime runs at once, across every model version (one per batcher at a time;
+# a rollout holds two versions of each model). Threads start on demand.
+ORT_POOL_THREADS = 16
+
+
 class ServingCore:
-    """Owns the registry, the thread pools and every model's batcher; answers inference calls."""
+    """Owns the registry, the thread pools and the model lifecycle; answers inference calls."""
 
     def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.limits = Limits.from_settings(settings)
         self.registry = ModelRegistry()
-        self._ort_pool: ThreadPoolExecutor | None = None
+        self._ort_pool = ThreadPoolExecutor(ORT_POOL_THREADS, thread_name_prefix="onnxruntime")
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.on_change: Callable[[], Awaitable[None]] | None = None
+        """Called after models were loaded or unloaded (the app republishes health)."""
+        self.control = ModelControl(settings, self.registry, self.metrics, self._ort_pool, self._pre_pool,
+                                    self.limits, on_change=self._changed)  # fmt: skip
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
+
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load every model the version policy selects, warm each up, start the batchers.
+        """Load every model the version policy selects, warm each up, start the batchers (and the poller).
 
         A model that fails to load is marked FAILED (with the reason) and the others still serve.
 
@@ -52,21 +65,11 @@ class ServingCore:
             DeviceUnavailableError: ``device=cuda`` and CUDA does not load.
         """
         repo = Path(self.settings.repository)
-        configs = select_configs(repo, self.settings, self.registry)
-        onnx_configs = [c for c in configs.values() if c.platform == PLATFORM_ONNX]
-        self._ort_pool = ThreadPoolExecutor(max(2, len(onnx_configs)), thread_name_prefix="onnxruntime")
-        for config in onnx_configs:
-            self.registry.add(await load_onnx(repo, config, self.settings, self._ort_pool, self.metrics))
-        for config in configs.values():
-            if config.platform == PLATFORM_PIPELINE:
-                entry = await load_pipeline(repo, config, self.registry, self.settings, self._pre_pool, self.limits)
-                self.registry.add(entry)
+        await self.control.start()
         self.metrics.reset_totals()  # the statistics count served requests, not the warm-up runs
         entries = self.registry.entries()
-        for entry in entries:
-            if entry.state == FAILED:
-                logger.error("model %s v%d FAILED: %s", entry.name, entry.version, entry.reason)
         if not any(e.state == READY for e in entries):
+            await self.control.stop()
             raise RepositoryError(
                 f"no model in repository {str(repo)!r} could be loaded: " + "; ".join(e.reason for e in entries)
                 if entries
@@ -78,13 +81,10 @@ class ServingCore:
         self.registry.begin_drain()
 
     async def aclose(self) -> None:
-        """Stop every batcher and release the thread pools."""
+        """Stop the poller, every batcher, and release the thread pools."""
         self.begin_drain()
-        for entry in self.registry.entries():
-            if entry.batcher is not None:
-                await entry.batcher.aclose()
-        if self._ort_pool is not None:
-            self._ort_pool.shutdown(wait=True)
+        await self.control.stop()
+        self._ort_pool.shutdown(wait=True)
         self._pre_pool.shutdown(wait=True)
 
     def pipeline(self, name: str, version: int = 0) -> tuple[ModelEntry, MultimodalPipeline]:
@@ -110,10 +110,11 @@ class ServingCore:
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
         entry, pipeline = self.pipeline(name, version)
-        result = await self._run_pipeline(
-            entry, pipeline, images, texts,
-            deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
-        )  # fmt: skip
+        with entry.in_use():  # taken with the lookup: the version cannot go before the answer
+            result = await self._run_pipeline(
+                entry, pipeline, images, texts,
+                deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
+            )  # fmt: skip
         return entry, result
 
     async def _run_pipeline(
@@ -140,7 +141,8 @@ class ServingCore:
     ) -> tuple[ModelEntry, np.ndarray | None, np.ndarray | None]:
         """Image and/or text embeddings from a pipeline's encoders."""
         entry, pipeline = self.pipeline(name, version)
-        image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
+        with entry.in_use():
+            image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
         return entry, image_features, text_features
 
     async def infer(
@@ -156,7 +158,8 @@ class ServingCore:
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")
         validate_inputs(entry.config, inputs, entry.max_batch_size)
-        return entry, await entry.batcher.submit(inputs, deadline=deadline)
+        with entry.in_use():
+            return entry, await entry.batcher.submit(inputs, deadline=deadline)
 
 
 def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray], max_batch_size: int) -> None:

@@ -14,6 +14,7 @@ import grpc
 
 from fusionserve.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     FusionServeError,
     InvalidInputError,
     ModelNotFoundError,
@@ -21,6 +22,7 @@ from fusionserve.errors import (
     QueueFullError,
     RepositoryError,
     UnauthenticatedError,
+    UnsupportedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (RepositoryError, grpc.StatusCode.UNAVAILABLE),
 )
 INTERNAL_MESSAGE = "internal error"

@@ -1,15 +1,17 @@
 """From a model repository on disk to serving entries: sessions, batchers, pipelines, warm-up.
 
-``select_configs`` reads the configs the version policy picks (and the exact step versions each
-pipeline was exported with); ``load_onnx`` gives a tensor model its onnxruntime session and batcher
-and warms it up; ``load_pipeline`` resolves a pipeline's plan against its steps and builds it. A
+``read_config`` reads one version's config (and the fingerprint of its files); ``load_onnx`` gives
+a tensor model its onnxruntime session and batcher and warms it up; ``load_pipeline`` resolves a
+pipeline's plan against its steps and builds it; ``close`` releases an entry. Blocking work (hashing,
+session creation) runs in a worker thread, so a server loading a new version goes on serving. A
 model that fails becomes a FAILED entry with the reason, and the others still serve.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -17,15 +19,7 @@ import numpy as np
 
 from fusionserve.errors import DeviceUnavailableError, RepositoryError
 from fusionserve.preprocess import encode_png
-from fusionserve.repository import (
-    PLATFORM_PIPELINE,
-    ModelConfig,
-    list_models,
-    list_versions,
-    load_config,
-    select_versions,
-    version_dir,
-)
+from fusionserve.repository import ModelConfig, load_config, version_dir
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
@@ -38,31 +32,21 @@ from fusionserve.server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def select_configs(
-    repo: Path, settings: ServerSettings, registry: ModelRegistry
-) -> dict[tuple[str, int], ModelConfig]:
-    """The configs to load: each model's versions by policy, plus every pipeline's pinned steps.
+def fingerprint(repo: Path, name: str, version: int) -> tuple:
+    """Name, size and modification time of every file in a version folder (cheap: no hashing)."""
+    folder = version_dir(repo, name, version)
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()
 
-    A config that does not load is registered as a FAILED entry instead.
-    """
-    configs: dict[tuple[str, int], ModelConfig] = {}
 
-    def read(name: str, version: int) -> None:
-        try:
-            configs[(name, version)] = load_config(repo, name, version)
-        except RepositoryError as e:
-            registry.add(ModelEntry(name, version, None, FAILED, str(e)))
-
-    for name in list_models(repo):
-        policy = settings.model_version_policy.get(name, settings.version_policy)
-        for version in select_versions(list_versions(repo, name), policy):
-            read(name, version)
-    for config in list(configs.values()):
-        if config.platform == PLATFORM_PIPELINE:
-            for step, step_version in config.steps.items():
-                if (step, step_version) not in configs and not registry.has(step, step_version):
-                    read(step, step_version)
-    return configs
+def read_config(repo: Path, name: str, version: int) -> tuple[ModelConfig | None, ModelEntry | None]:
+    """The config of one version, or a FAILED entry saying why it cannot be read (blocking: hashes)."""
+    try:
+        return load_config(repo, name, version), None
+    except RepositoryError as e:
+        return None, ModelEntry(name, version, None, FAILED, str(e), fingerprint=fingerprint(repo, name, version))
 
 
 async def load_onnx(
@@ -73,11 +57,13 @@ async def load_onnx(
     Raises:
         DeviceUnavailableError: ``device=cuda`` and CUDA does not load (fatal for the whole server).
     """
-    entry = ModelEntry(config.name, config.version, config)
+    entry = ModelEntry(config.name, config.version, config, fingerprint=fingerprint(repo, config.name, config.version))
     s = settings
+    loop = asyncio.get_running_loop()
     try:
         assert config.model_file is not None
-        model = OnnxModel(
+        model = await loop.run_in_executor(None, functools.partial(
+            OnnxModel,
             config,
             version_dir(repo, config.name, config.version) / config.model_file,
             device=s.device,
@@ -86,7 +72,7 @@ async def load_onnx(
             inter_op_threads=s.inter_op_threads,
             graph_optimization_level=s.graph_optimization_level,
             io_binding=s.io_binding,
-        )
+        ))  # fmt: skip
         entry.model, entry.providers = model, model.providers
         batcher = DynamicBatcher(
             config.name,
@@ -95,15 +81,14 @@ async def load_onnx(
             max_batch_size=s.max_batch_size or config.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size,
-            stats=metrics.batch_stats(config.name),
         )
         await batcher.start()
         entry.batcher = batcher
-        metrics.queued.labels(config.name).set_function(_queued(batcher))
         if s.warmup:
             await batcher.submit(_warmup_inputs(config, 1))
             if model.on_cuda and batcher.max_batch_size > 1:
                 await batcher.submit(_warmup_inputs(config, batcher.max_batch_size))
+        batcher.stats = metrics.batch_stats(config.name)  # the statistics count served work, not warm-ups
         entry.state = READY
         logger.info("model %s v%d READY on %s", config.name, config.version, model.providers)
     except DeviceUnavailableError:
@@ -115,16 +100,12 @@ async def load_onnx(
     return entry
 
 
-def _queued(batcher: DynamicBatcher) -> Callable[[], int]:
-    return lambda: batcher.queued_items
-
-
 async def load_pipeline(
     repo: Path, config: ModelConfig, registry: ModelRegistry, settings: ServerSettings, executor: Executor,
     limits: Limits,
 ) -> ModelEntry:  # fmt: skip
     """A pipeline's entry over its (already loaded) steps: READY, or FAILED with the reason."""
-    entry = ModelEntry(config.name, config.version, config)
+    entry = ModelEntry(config.name, config.version, config, fingerprint=fingerprint(repo, config.name, config.version))
     try:
         steps = {}
         for model, version in config.steps.items():
@@ -157,6 +138,13 @@ async def load_pipeline(
     except Exception as e:  # a broken pipeline must not take the tensor models down with it
         entry.state, entry.reason = FAILED, str(e)
     return entry
+
+
+async def close(entry: ModelEntry) -> None:
+    """Release what an entry holds: its batcher, its onnxruntime session, its pipeline."""
+    if entry.batcher is not None:
+        await entry.batcher.aclose()
+    entry.batcher = entry.model = entry.pipeline = None
 
 
 def _warmup_inputs(config: ModelConfig, rows: int) -> dict[str, np.ndarray]:

@@ -81,9 +81,48 @@ class Metrics:
         )
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r)
         self.queued = Gauge("fusionserve_queued_items", "Items waiting in batch queues", ["model"], registry=r)
+        self.serving_version = Gauge(
+            "fusionserve_model_serving_version", "The version a call for the latest gets (0: none ready)", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.loads = Counter("fusionserve_model_loads", "Model versions loaded, by outcome", ["model", "outcome"],
+                             registry=r)  # fmt: skip
+        self.unloads = Counter("fusionserve_model_unloads", "Model versions unloaded", ["model"], registry=r)
+        self.load_time = Histogram(
+            "fusionserve_model_load_seconds", "Time to load and warm up one model version", ["model"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=r,
+        )  # fmt: skip
+        self.unload_time = Histogram(
+            "fusionserve_model_unload_seconds", "Time from UNLOADING (in-flight calls finishing) to released",
+            ["model"], buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0), registry=r,
+        )  # fmt: skip
         self.totals: dict[str, ModelTotals] = {}
+        self._serving: set[str] = set()
         self._http: Any = None
         self.port: int | None = None
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        """One version of ``model`` loaded and warmed up in ``seconds``."""
+        self.loads.labels(model, "success").inc()
+        self.load_time.labels(model).observe(seconds)
+
+    def model_load_failed(self, model: str) -> None:
+        """One version of ``model`` could not be loaded."""
+        self.loads.labels(model, "failure").inc()
+
+    def model_unloaded(self, model: str, seconds: float) -> None:
+        """One version of ``model`` released, ``seconds`` after it stopped taking calls."""
+        self.unloads.labels(model).inc()
+        self.unload_time.labels(model).observe(seconds)
+
+    def serving(self, model: str, version: int) -> None:
+        """Record the version calls for the latest ``model`` get (0: none)."""
+        self.serving_version.labels(model).set(version)
+        self._serving.add(model)
+
+    def serving_names(self) -> set[str]:
+        """The models the serving-version gauge has a value for."""
+        return set(self._serving)
 
     def reset_totals(self) -> None:
         """Zero every model's :class:`ModelTotals` (in place: the batchers' hooks hold them)."""

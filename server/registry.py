@@ -1,12 +1,17 @@
 """Which model versions this server has, in which state, and which one a call gets.
 
-A ``(name, version)`` entry is LOADING, READY, FAILED (with the reason) or UNAVAILABLE (the server
-is draining). Version 0 in a lookup means the newest READY version (the newest of any state when
-none is ready, so the caller learns why).
+A ``(name, version)`` entry is LOADING, READY, FAILED (with the reason), UNLOADING (finishing its
+in-flight calls before it goes) or UNAVAILABLE (the server is draining). Version 0 in a lookup means
+the newest READY version (the newest of any state when none is ready, so the caller learns why).
+A call holds its entry (``in_use``) from lookup to answer: an entry is unloaded only once idle, so a
+call always finishes on the version it started on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +23,7 @@ if TYPE_CHECKING:
     from fusionserve.server.pipeline import MultimodalPipeline
     from fusionserve.server.runtime import OnnxModel
 
-READY, LOADING, FAILED, UNAVAILABLE = "READY", "LOADING", "FAILED", "UNAVAILABLE"
+READY, LOADING, FAILED, UNLOADING, UNAVAILABLE = "READY", "LOADING", "FAILED", "UNLOADING", "UNAVAILABLE"
 
 
 @dataclass
@@ -34,6 +39,27 @@ class ModelEntry:
     batcher: DynamicBatcher | None = None
     pipeline: MultimodalPipeline | None = None
     providers: list[str] = field(default_factory=list)
+    fingerprint: tuple = ()  # the version folder's files when it was read (a FAILED one is retried on change)
+    inflight: int = 0  # calls holding this entry
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[ModelEntry]:
+        """Hold this entry for one call (take it right after the lookup, with no await in between)."""
+        self.inflight += 1
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no call holds this entry."""
+        while self.inflight:
+            self._idle = self._idle or asyncio.Event()
+            self._idle.clear()
+            await self._idle.wait()
 
     @property
     def max_batch_size(self) -> int:
@@ -59,6 +85,14 @@ class ModelRegistry:
     def has(self, name: str, version: int) -> bool:
         """Whether that exact version is registered, in any state."""
         return (name, version) in self._entries
+
+    def remove(self, name: str, version: int) -> None:
+        """Forget that version (the caller has drained and closed it)."""
+        self._entries.pop((name, version), None)
+
+    def names(self) -> list[str]:
+        """Every model name with at least one registered version."""
+        return sorted({n for (n, _) in self._entries})
 
     def begin_drain(self) -> None:
         """Every ready model becomes UNAVAILABLE: new work is refused from now on."""

@@ -19,6 +19,12 @@ class ServerSettings:
 
     repository: Path = Path("model-repository")
     """Model repository written by ``fusionserve export``."""
+    model_control_mode: str = "poll"
+    """``poll``: pick up versions exported while the server runs (and drop removed ones) every
+    ``repository_poll_secs``; ``none``: read the repository once, at start; ``explicit``: load
+    everything at start, then change only on load/unload calls (Triton's names)."""
+    repository_poll_secs: float = 5.0
+    """How often ``poll`` mode reads the repository (listing folders and file sizes: cheap)."""
     host: str = "[::]"
     """Address the gRPC server binds to."""
     port: int = 8001
@@ -183,6 +189,10 @@ class ServerSettings:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError("graph_optimization_level must be disable, basic, extended or all")
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control_mode must be none, poll or explicit, not {self.model_control_mode!r}")
+        if self.repository_poll_secs <= 0:
+            raise ValueError("repository_poll_secs must be > 0")
         if self.cuda_conv_algo_search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
             raise ValueError("cuda_conv_algo_search must be HEURISTIC, EXHAUSTIVE or DEFAULT")
         if self.cuda_arena_extend_strategy not in ("kSameAsRequested", "kNextPowerOfTwo"):

@@ -138,6 +138,18 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         """Every model version with its state and providers."""
         return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.registry.entries()])
 
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        """Load a model from the repository (explicit model control); its versions after the load."""
+        entries = await self.core.control.load(request.name)
+        return pb.ListModelsResponse(models=[model_info(self.core, e) for e in entries])
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """Unload every version of a model once its calls are done (explicit model control); what remains."""
+        await self.core.control.unload(request.name)
+        return pb.ListModelsResponse(models=[model_info(self.core, e) for e in self.core.registry.entries()])
+
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         """One model version (latest when version is 0)."""
         if not request.name:

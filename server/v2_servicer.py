@@ -22,7 +22,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fusionserve import __version__
-from fusionserve.errors import FusionServeError, InvalidInputError, ModelNotFoundError
+from fusionserve.errors import (
+    FusionServeError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    UnsupportedError,
+)
 from fusionserve.server.core import ServingCore, validate_inputs
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.registry import READY
@@ -48,9 +54,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "fusionserve"
 # Triton names no extension for gRPC streaming. Of the named ones we implement the model
-# configuration and statistics RPCs (what perf_analyzer asks for); not classification, sequence,
-# shared memory, model repository, trace or logging.
-EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics")
+# configuration, model repository and statistics RPCs; not classification, sequence, shared memory,
+# trace or logging.
+EXTENSIONS: tuple[str, ...] = ("model_configuration", "model_repository", "statistics")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -125,6 +131,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             entries = [self.core.registry.find(name) for name in sorted({e.name for e in self.core.registry.entries()})]
         totals = self.core.metrics.totals
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(e, totals.get(e.name)) for e in entries])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every model in the repository: each loaded version with its state, and the models not loaded."""
+        rows = self.core.control.index()
+        if request.ready:
+            rows = [row for row in rows if row[2] == READY]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r) for n, v, s, r in rows]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load a model from the repository (``--model-control-mode explicit`` only)."""
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if overrides:
+            raise UnsupportedError(
+                f"RepositoryModelLoad: parameters {overrides} (a config or files sent with the call) are not "
+                "supported; put the version in the repository and load it from there"
+            )
+        entries = await self.core.control.load(request.model_name)
+        failed = [e for e in entries if e.state != READY]
+        if failed and not any(e.state == READY for e in entries):
+            raise ModelNotReadyError(f"model {request.model_name!r} failed to load: {failed[-1].reason}")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload every version of a model once its calls are done (``--model-control-mode explicit`` only)."""
+        await self.core.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         entry = self.core.registry.get(request.model_name, parse_version(request.model_version))

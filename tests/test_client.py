@@ -375,6 +375,19 @@ def test_cli_classify_health_and_models(server, samples, tmp_path, capsys):
     assert {m["name"] for m in json.loads(capsys.readouterr().out)} >= {"multimodal", "fusion"}
 
 
+def test_cli_models_load_and_unload(server, repository, capsys):
+    assert cli_main(["models", "unload", "multimodal", "--target", server.target]) == 2  # the shared server polls
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    with RunningServer(repository, metrics_port=-1, model_control_mode="explicit") as explicit:
+        target = ["--target", explicit.target]
+        assert cli_main(["models", "unload", "multimodal", *target]) == 0
+        assert "multimodal" not in capsys.readouterr().out
+        assert cli_main(["models", "load", "multimodal", *target, "--json"]) == 0
+        assert [(m["name"], m["state"]) for m in json.loads(capsys.readouterr().out)] == [("multimodal", "READY")]
+        assert cli_main(["models", "load", *target]) == 2
+        assert "models load needs a model name" in capsys.readouterr().err
+
+
 def test_cli_reports_errors_and_unreachable_servers(server, samples, tmp_path, capsys):
     image = tmp_path / "image.png"
     image.write_bytes(samples[0][0])

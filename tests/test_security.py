@@ -102,3 +102,27 @@ def test_bad_tls_files_fail_at_start_before_any_model_loads(repository, pki, tmp
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr and "Traceback" not in done.stderr
     assert "READY" not in done.stderr  # refused before loading any model
+
+
+def test_model_control_always_needs_a_token(repository, tmp_path):
+    """Health may stay open for probes; loading and unloading models never does."""
+    from fusionserve.v2 import grpc_service_pb2 as v2pb
+    from fusionserve.v2 import grpc_service_pb2_grpc as v2pb_grpc
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    with RunningServer(repository, metrics_port=-1, auth_token_file=tokens, model_control_mode="explicit") as srv:
+        channel = srv.channel()
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == 1
+        v2 = v2pb_grpc.GRPCInferenceServiceStub(channel)
+        typed = pb_grpc.FusionServiceStub(channel)
+        for call in (lambda md: v2.RepositoryModelUnload(v2pb.RepositoryModelUnloadRequest(model_name="multimodal"),
+                                                         metadata=md),
+                     lambda md: v2.RepositoryModelLoad(v2pb.RepositoryModelLoadRequest(model_name="multimodal"),
+                                                       metadata=md),
+                     lambda md: typed.UnloadModel(pb.UnloadModelRequest(name="multimodal"), metadata=md),
+                     lambda md: typed.LoadModel(pb.LoadModelRequest(name="multimodal"), metadata=md)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                call(None)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call((("authorization", "Bearer s3cret"),))

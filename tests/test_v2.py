@@ -108,7 +108,7 @@ def test_server_live_ready_and_metadata(stub):
     assert stub.ServerReady(pb.ServerReadyRequest()).ready
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert (meta.name, meta.version) == ("fusionserve", __version__)
-    assert list(meta.extensions) == ["model_configuration", "statistics"]
+    assert list(meta.extensions) == ["model_configuration", "model_repository", "statistics"]
 
 
 @pytest.mark.parametrize("model", MODELS)

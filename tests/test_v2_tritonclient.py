@@ -39,10 +39,9 @@ def server_process(repository: Path) -> Iterator[ServerProcess]:
     assert running.close() == 0, "".join(running.log)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_tritonclient_scenario(server_process, repository, scenario):
+def run_scenario(server: ServerProcess, repository: Path, scenario: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(SCENARIOS_SCRIPT), scenario, server_process.target, str(repository)],
+        [sys.executable, str(SCENARIOS_SCRIPT), scenario, server.target, str(repository)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -52,13 +51,23 @@ def test_tritonclient_scenario(server_process, repository, scenario):
         print(result.stdout)
         print(result.stderr)
         print("---- server log (tail) ----")
-        print("".join(list(server_process.log)[-40:]))
+        print("".join(list(server.log)[-40:]))
     assert result.returncode == 0, f"scenario {scenario} failed:\n{result.stderr[-4000:]}"
     assert f"scenario {scenario}: ok" in result.stdout
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_tritonclient_scenario(server_process, repository, scenario):
+    run_scenario(server_process, repository, scenario)
+
+
+def test_tritonclient_drives_explicit_model_control(repository):
+    with ServerProcess(repository, "--device", "cpu", "--model-control-mode", "explicit") as server:
+        run_scenario(server, repository, "repository_control")
 
 
 def test_scenario_list_is_complete():
     """Every scenario the script defines is run above (a new one cannot be forgotten)."""
     text = SCENARIOS_SCRIPT.read_text()
     defined = re.findall(r"@scenario\ndef (\w+)\(", text)
-    assert sorted(defined) == sorted(SCENARIOS)
+    assert sorted(defined) == sorted([*SCENARIOS, "repository_control"])

@@ -143,6 +143,9 @@ def test_every_rpc_we_implement_matches(ours, theirs):
         "ModelStreamInfer",
         "ModelConfig",
         "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
     }
     assert ours["services"][service]["ModelStreamInfer"]["client_streaming"]
     assert ours["services"][service]["ModelStreamInfer"]["server_streaming"]

@@ -157,12 +157,14 @@ def build(
     tensors: Mapping[str, str] | None = None,
     models: Mapping[str, str] | None = None,
     seed: int = 0,
+    version: int = 1,
 ) -> Path:
     """Write version 1 of the three models and the ``multimodal`` pipeline over them; return the path.
 
     ``tensors`` renames tensors (``image``, ``image_features``, ``tokens``, ``text_features``,
     ``probabilities``) and ``models`` names the models of the roles (``image_encoder``,
-    ``text_encoder``, ``fusion``); the pipeline config says which is which.
+    ``text_encoder``, ``fusion``); the pipeline config says which is which. ``seed`` draws the weights
+    (another seed, other answers); ``version`` numbers every model.
     """
     repository = Path(repository)
     rng = np.random.default_rng(seed)
@@ -188,19 +190,19 @@ def build(
          [TensorSpec(t["probabilities"], "FP32", (-1, len(labels)))], {}),
     ]  # fmt: skip
     for name, model, inputs, outputs, preprocessing in plans:
-        vdir = repository / name / "1"
+        vdir = repository / name / str(version)
         vdir.mkdir(parents=True)
         onnx.save(_renamed(model, t), str(vdir / MODEL_FILE))
         if name == m["text_encoder"]:
             vocab.save(vdir / "vocab.json")
         config = ModelConfig(
-            name=name, version=1, platform=PLATFORM_ONNX, inputs=tuple(inputs), outputs=tuple(outputs),
+            name=name, version=version, platform=PLATFORM_ONNX, inputs=tuple(inputs), outputs=tuple(outputs),
             max_batch_size=max_batch_size, model_file=MODEL_FILE, sha256=sha256_file(vdir / MODEL_FILE), opset=OPSET,
             preprocessing=preprocessing, labels=labels if name == m["fusion"] else (),
             vocabulary_file="vocab.json" if name == m["text_encoder"] else None,
         )  # fmt: skip
         write_json(vdir / CONFIG_FILE, config.to_json())
-    pdir = repository / PIPELINE_NAME / "1"
+    pdir = repository / PIPELINE_NAME / str(version)
     pdir.mkdir(parents=True)
     vocab.save(pdir / "vocab.json")
     write_json(pdir / "labels.json", list(labels))
@@ -211,12 +213,21 @@ def build(
                    "output": t["probabilities"]},
     }  # fmt: skip
     pipeline = ModelConfig(
-        name=PIPELINE_NAME, version=1, platform=PLATFORM_PIPELINE,
+        name=PIPELINE_NAME, version=version, platform=PLATFORM_PIPELINE,
         inputs=(TensorSpec("IMAGE", "BYTES", (-1,)), TensorSpec("TEXT", "BYTES", (-1,))),
         outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, len(labels))), TensorSpec("LABEL", "BYTES", (-1,))),
-        max_batch_size=max_batch_size, steps={m[r]: 1 for r in ("image_encoder", "text_encoder", "fusion")},
+        max_batch_size=max_batch_size, steps={m[r]: version for r in ("image_encoder", "text_encoder", "fusion")},
         roles=roles, preprocessing={"image": image_spec, "text": text_spec}, labels=labels,
         vocabulary_file="vocab.json",
     )  # fmt: skip
     write_json(pdir / CONFIG_FILE, pipeline.to_json())
     return repository
+
+
+def add_version(repository: Path, version: int, *, seed: int, skip_pipeline: bool = False) -> None:
+    """Add ``version`` of every model (weights from ``seed``) as ``fusionserve export`` does: each
+    version folder written aside and renamed into place, the steps before the pipeline."""
+    staging = Path(repository) / f".staging-{version}"
+    build(staging, seed=seed, version=version)
+    for model in ("image_encoder", "text_encoder", "fusion", *(() if skip_pipeline else (PIPELINE_NAME,))):
+        (staging / model / str(version)).rename(Path(repository) / model / str(version))

@@ -344,6 +344,29 @@ def asyncio_client(url: str, repository: Path) -> None:
     asyncio.run(run())
 
 
+@scenario
+def repository_control(url: str, repository: Path) -> None:
+    """Needs a server run with --model-control-mode explicit: index, unload, load, as tritonclient drives them."""
+    client = grpcclient.InferenceServerClient(url)
+    images, texts = samples(2)
+    before = client.infer("multimodal", multimodal_inputs(images, texts)).as_numpy("PROBABILITIES")
+    index = {(m["name"], m.get("version", ""), m.get("state", ""))
+             for m in client.get_model_repository_index(as_json=True)["models"]}  # fmt: skip
+    assert index == {(m, "1", "READY") for m in MODELS}, index
+    client.unload_model("multimodal")
+    assert not client.is_model_ready("multimodal")
+    expect_error("NOT_FOUND", "multimodal", lambda: client.infer("multimodal", multimodal_inputs(images, texts)))
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert "state" not in index["multimodal"] and index["fusion"]["state"] == "READY", index
+    client.load_model("multimodal")
+    assert client.is_model_ready("multimodal")
+    after = client.infer("multimodal", multimodal_inputs(images, texts)).as_numpy("PROBABILITIES")
+    np.testing.assert_allclose(after, before, atol=1e-6)
+    expect_error("UNIMPLEMENTED", "config", lambda: client.load_model("fusion", config="{}"))
+    expect_error("FAILED_PRECONDITION", "step of multimodal", lambda: client.unload_model("image_encoder"))
+    client.close()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] not in SCENARIOS:
         sys.stderr.write(f"usage: tritonclient_scenarios.py {{{','.join(SCENARIOS)}}} URL REPOSITORY\n")

@@ -61,6 +61,16 @@ class FusionServiceStub:
                 request_serializer=fusionserve_dot_v1_dot_fusion__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=fusionserve_dot_v1_dot_fusion__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/fusionserve.v1.FusionService/LoadModel',
+                request_serializer=fusionserve_dot_v1_dot_fusion__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/fusionserve.v1.FusionService/UnloadModel',
+                request_serializer=fusionserve_dot_v1_dot_fusion__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class FusionServiceServicer:
@@ -106,6 +116,22 @@ class FusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load a model from the repository (its versions by the version policy; a pipeline with its
+        pinned steps), or reload it after its files changed. Only with --model-control-mode explicit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload every version of a model once its in-flight calls are done.
+        Only with --model-control-mode explicit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +159,16 @@ def add_FusionServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=fusionserve_dot_v1_dot_fusion__pb2.GetModelRequest.FromString,
                     response_serializer=fusionserve_dot_v1_dot_fusion__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=fusionserve_dot_v1_dot_fusion__pb2.LoadModelRequest.FromString,
+                    response_serializer=fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=fusionserve_dot_v1_dot_fusion__pb2.UnloadModelRequest.FromString,
+                    response_serializer=fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +308,60 @@ class FusionService:
             '/fusionserve.v1.FusionService/GetModel',
             fusionserve_dot_v1_dot_fusion__pb2.GetModelRequest.SerializeToString,
             fusionserve_dot_v1_dot_fusion__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fusionserve.v1.FusionService/LoadModel',
+            fusionserve_dot_v1_dot_fusion__pb2.LoadModelRequest.SerializeToString,
+            fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fusionserve.v1.FusionService/UnloadModel',
+            fusionserve_dot_v1_dot_fusion__pb2.UnloadModelRequest.SerializeToString,
+            fusionserve_dot_v1_dot_fusion__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
