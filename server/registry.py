@@ -145,7 +145,8 @@ class ModelRegistry:
         if self.draining:
             raise ModelNotReadyError("server is shutting down; retry on another replica")
         if entry.state != READY:
-            raise ModelNotReadyError(f"model {name!r} v{entry.version} is {entry.state}: {entry.reason}")
+            why = f": {entry.reason}" if entry.reason else ""
+            raise ModelNotReadyError(f"model {name!r} v{entry.version} is {entry.state}{why}")
         return entry
 
     def metric_label(self, name: str) -> str:

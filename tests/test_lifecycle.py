@@ -272,6 +272,27 @@ def test_explicit_control_over_v2_and_the_typed_api(repo, samples):
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "config" in info.value.details()
 
 
+def test_unload_under_load_finishes_the_calls_in_flight(repo, samples):
+    with RunningServer(repo, metrics_port=-1, model_control_mode="explicit") as srv:
+        traffic = Traffic(srv.target, samples)
+        try:
+            wait_for(lambda: len(traffic.answers) > 30, what="answers")
+            pb_grpc.FusionServiceStub(srv.channel()).UnloadModel(pb.UnloadModelRequest(name="multimodal"))
+            answered = len(traffic.answers)
+            time.sleep(0.5)
+        finally:
+            traffic.stop()
+    assert answered > 30 and not srv.server.core.registry.has("multimodal", 1)
+    # Calls that got the version before the unload were answered; later ones are told it is going
+    # (UNAVAILABLE, while it finishes its calls) or gone (NOT_FOUND).
+    codes = {e.split(": ")[1].split(" ")[0] for e in traffic.errors}
+    assert codes <= {"UNAVAILABLE", "NOT_FOUND"}, traffic.errors[:5]
+    assert all("UNLOADING" in e or "unknown model 'multimodal'" in e for e in traffic.errors), traffic.errors[:5]
+    want = expected(repo, 1, traffic.samples)
+    for api, _, item, probs in traffic.answers:
+        np.testing.assert_allclose(probs, want[item], atol=max(ATOL, 1e-5), err_msg=api)
+
+
 def test_load_and_unload_need_explicit_mode(repo):
     with RunningServer(repo, metrics_port=-1) as srv:  # the default: poll
         v2 = v2pb_grpc.GRPCInferenceServiceStub(srv.channel())
@@ -352,6 +373,9 @@ def test_an_export_under_open_loop_load_rolls_out_with_nothing_lost(trained_dir,
           f"both versions took {load_s:.2f} s); open loop: "
           + ", ".join(f"{k} {r.results['ok']} OK {r.results['errors']}" for k, r in reports.items()))  # type: ignore[attr-defined]
     assert delay < POLL_S + load_s + 2.0
+    failures = [k for k, v in metrics.items()
+                if k[0] == "fusionserve_model_loads_total" and ("outcome", "failure") in k[1] and v]  # fmt: skip
+    assert not failures, f"the poller read a half-moved export: {failures}"  # polling every 0.2 s through the export
     for name, report in reports.items():
         results = report.results  # type: ignore[attr-defined]
         assert results["error_count"] == 0 and results["ok"] == results["requests"] > 500, (name, results)
