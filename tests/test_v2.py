@@ -6,6 +6,7 @@ import json
 import queue
 import shutil
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -281,9 +282,13 @@ def test_model_statistics_count_what_was_served(stub, samples, tensor_inputs):
     assert pipe.inference_stats.queue.count - pipe0.inference_stats.queue.count == 2
     assert pipe.inference_stats.success.ns > pipe0.inference_stats.success.ns
     assert pipe.last_inference > 0 and pipe.last_inference >= pipe0.last_inference
-    # Its steps count their own batches; a step's counts agree with its per-batch-size breakdown.
+    # Its steps count their own batches; a step's counts agree with its per-batch-size breakdown. The
+    # image encoder looked 6 images up in the embedding cache; what missed and decoded was computed.
     image, image0 = after["image_encoder"], before["image_encoder"]
-    assert image.inference_count - image0.inference_count >= 5
+    hits = image.inference_stats.cache_hit.count - image0.inference_stats.cache_hit.count
+    misses = image.inference_stats.cache_miss.count - image0.inference_stats.cache_miss.count
+    assert hits + misses == 6
+    assert image.inference_count - image0.inference_count == misses - 1  # the bad image never reached the model
     assert image.execution_count == sum(b.compute_infer.count for b in image.batch_stats)
     assert image.inference_count == sum(b.batch_size * b.compute_infer.count for b in image.batch_stats)
     for part in ("compute_input", "compute_output"):  # perf_analyzer requires the three counts to agree
@@ -735,10 +740,27 @@ def test_stream_continues_after_an_error(stub, tensor_inputs):
     reader.join(10)
 
 
-def test_stream_handles_many_requests_concurrently(server, stub, tensor_inputs):
+def test_stream_handles_many_requests_concurrently(server, stub, tensor_inputs, monkeypatch):
     """A stream does not wait for one answer before taking the next request: one-row requests of one
-    stream meet in the batcher, which a request-by-request stream could never do."""
+    stream meet in the batcher, which a request-by-request stream could never do.
+
+    The first run is held (on the pool, so the event loop keeps reading) until 10 requests queue
+    behind it, or 5 s: a serial stream never queues a second one, and then every request runs alone.
+    """
     batcher = server.server.core.registry.find("fusion").batcher
+    monkeypatch.setattr(batcher, "inline_below_s", 0.0)
+    monkeypatch.setattr(batcher, "inline_idle_below_s", 0.0)
+    run, first_seen = batcher._run, threading.Event()
+
+    def held_first(inputs):
+        if not first_seen.is_set():
+            first_seen.set()
+            until = time.monotonic() + 5
+            while batcher.queued_items < 10 and time.monotonic() < until:
+                time.sleep(0.001)
+        return run(inputs)
+
+    monkeypatch.setattr(batcher, "_run", held_first)
     batches_before, rows_before = batcher.batches_run, batcher.items_run
     requests = [make_request("fusion", {k: (d, v[:1]) for k, (d, v) in tensor_inputs["fusion"].items()}, id=str(i))
                 for i in range(200)]  # fmt: skip
