@@ -14,7 +14,14 @@ if TYPE_CHECKING:
     from fusionserve.client.aio import AsyncFusionClient
     from fusionserve.client.channel import TLSConfig
     from fusionserve.client.errors import FusionClientError
-    from fusionserve.client.results import Classification, Embeddings, ModelInfo, StreamResult, TensorInfo
+    from fusionserve.client.results import (
+        Classification,
+        Embeddings,
+        ModelInfo,
+        RankedCandidate,
+        StreamResult,
+        TensorInfo,
+    )
     from fusionserve.client.sync import FusionClient
 
 _EXPORTS = {
@@ -25,6 +32,7 @@ _EXPORTS = {
     "Classification": "fusionserve.client.results",
     "Embeddings": "fusionserve.client.results",
     "ModelInfo": "fusionserve.client.results",
+    "RankedCandidate": "fusionserve.client.results",
     "StreamResult": "fusionserve.client.results",
     "TensorInfo": "fusionserve.client.results",
 }
@@ -35,6 +43,7 @@ __all__ = [
     "FusionClient",
     "FusionClientError",
     "ModelInfo",
+    "RankedCandidate",
     "StreamResult",
     "TLSConfig",
     "TensorInfo",

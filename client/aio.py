@@ -14,15 +14,17 @@ import grpc
 from fusionserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE_CODES, TLSConfig, create_channel
 from fusionserve.client.errors import FusionClientError
 from fusionserve.client.health import HEALTH_CHECK, decode_status, encode_request
-from fusionserve.client.inputs import ImageInput, image_bytes, pair, text_of
+from fusionserve.client.inputs import ImageInput, image_bytes, invalid, pair, text_of
 from fusionserve.client.results import (
     Classification,
     Embeddings,
     ModelInfo,
+    RankedCandidate,
     StreamResult,
     classifications,
     embeddings,
     model_info,
+    ranked,
     stream_result,
 )
 from fusionserve.v1 import fusion_pb2 as pb
@@ -281,6 +283,43 @@ class AsyncFusionClient:
         )
         response = await self._unary(self._stub.Embed, request, timeout_s)
         return embeddings(response, len(request.images), len(request.texts))
+
+    async def rank(
+        self,
+        *,
+        image: ImageInput | None = None,
+        text: str | None = None,
+        images: Sequence[ImageInput] = (),
+        texts: Sequence[str] = (),
+        top_k: int | None = None,
+        model: str | None = None,
+        model_version: int = 0,
+        timeout_s: float | None = None,
+    ) -> list[RankedCandidate]:
+        """One query against candidates of the other modality, best first.
+
+        ``rank(image=…, texts=[…])`` or ``rank(text=…, images=[…])``; each candidate comes back with
+        its ``index`` among those sent and its ``score`` (match probability); ``top_k`` keeps the best.
+        The server encodes the query once.
+
+        Raises:
+            FusionClientError: INVALID_ARGUMENT for no query or two, no candidates or too many, or a bad
+                one (named by its index).
+        """
+        if (image is None) == (text is None):
+            raise invalid("rank needs one query: image=… or text=…")
+        request = pb.RankRequest(
+            images=[image_bytes(i) for i in images],
+            texts=[text_of(t) for t in texts],
+            top_k=top_k or 0,
+            model=self.default_model if model is None else model,
+            model_version=model_version,
+        )
+        if image is not None:
+            request.image = image_bytes(image)
+        else:
+            request.text = text_of(text)
+        return ranked(await self._unary(self._stub.Rank, request, timeout_s))
 
     async def models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """Every loaded model version, with its state (ready or not, and why).

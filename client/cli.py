@@ -60,6 +60,28 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    """One query against candidates: ``--image Q --text A --text B`` or ``--text Q --image A --image B``."""
+    if len(args.image) == 1 and len(args.text) >= 1:
+        query: dict[str, Any] = {"image": args.image[0], "texts": args.text}
+        candidates: list[str] = list(args.text)
+    elif len(args.text) == 1 and len(args.image) >= 1:
+        query, candidates = {"text": args.text[0], "images": args.image}, [str(p) for p in args.image]
+    else:
+        raise ValueError("give one query and its candidates: --image Q --text A [--text B …] or "
+                         "--text Q --image A [--image B …]")  # fmt: skip
+    with _client(args) as client:
+        ranking = client.rank(**query, top_k=args.top_k, model=args.model, model_version=args.model_version)
+    if args.json:
+        print(json.dumps([{"index": r.index, "candidate": candidates[r.index], "score": r.score} for r in ranking],
+                         indent=2))  # fmt: skip
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  candidate")
+    for place, r in enumerate(ranking, 1):
+        print(f"{place:>4}  {r.score:>7.4f}  {candidates[r.index]}")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Print the health status; exit 0 only when SERVING."""
     with _client(args) as client:
@@ -151,6 +173,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", action="store_true", help="also return the embeddings (with --json)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("rank", help="rank candidates of one modality against a query of the other")
+    _connection_args(p, 10.0)
+    p.add_argument("--image", action="append", type=Path, default=[], help="an image file (query or candidate)")
+    p.add_argument("--text", action="append", default=[], help="a text (query or candidate)")
+    p.add_argument("--top-k", type=int, default=None, help="show only the best K")
+    p.add_argument("--model", default="", help="pipeline model (default: multimodal)")
+    p.add_argument("--model-version", type=int, default=0, help="0 for the latest")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("health", help="gRPC health check; exit 0 only when SERVING")
     _connection_args(p, 5.0)

@@ -18,7 +18,8 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.nda
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _invalid(message: str) -> FusionClientError:
+def invalid(message: str) -> FusionClientError:
+    """The error for a call refused before it was sent (INVALID_ARGUMENT)."""
     return FusionClientError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
@@ -32,7 +33,7 @@ def image_bytes(image: ImageInput) -> bytes:
         return bytes(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise _invalid(
+            raise invalid(
                 f"an image array must be uint8 [H, W] or [H, W, 1|3|4] (BGR), got {image.dtype} {list(image.shape)}"
             )
         from fusionserve.extras import require
@@ -45,14 +46,14 @@ def image_bytes(image: ImageInput) -> bytes:
         try:
             return Path(image).read_bytes()
         except OSError as e:
-            raise _invalid(f"cannot read image {str(image)!r}: {e.strerror or e}") from e
-    raise _invalid(f"an image must be a path, encoded bytes or a NumPy BGR array, not {type(image).__name__}")
+            raise invalid(f"cannot read image {str(image)!r}: {e.strerror or e}") from e
+    raise invalid(f"an image must be a path, encoded bytes or a NumPy BGR array, not {type(image).__name__}")
 
 
 def text_of(text: Any) -> str:
     """The text of an item, which must be a str."""
     if not isinstance(text, str):
-        raise _invalid(f"an item's text must be a str, not {type(text).__name__}")
+        raise invalid(f"an item's text must be a str, not {type(text).__name__}")
     return text
 
 
@@ -61,7 +62,7 @@ def pair(item: Any) -> tuple[ImageInput, str]:
     try:
         image, text = item
     except (TypeError, ValueError) as e:
-        raise _invalid(f"an item must be an (image, text) pair, not {type(item).__name__}") from e
+        raise invalid(f"an item must be an (image, text) pair, not {type(item).__name__}") from e
     return image, text
 
 

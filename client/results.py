@@ -89,6 +89,16 @@ class Embeddings:
 
 
 @dataclass(frozen=True)
+class RankedCandidate:
+    """One candidate of a ``rank`` call."""
+
+    index: int
+    """Its position among the candidates sent."""
+    score: float
+    """Its match probability (the probability of the model's positive label, ``match``)."""
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """A model input or output."""
 
@@ -154,6 +164,11 @@ def stream_result(index: int, response: pb.ClassifyResponse) -> StreamResult:
     if r.HasField("error") and r.error.code:
         return StreamResult(index, error=FusionClientError.from_code_name(r.error.code, r.error.message))
     return StreamResult(index, result=classification(response, r))
+
+
+def ranked(response: pb.RankResponse) -> list[RankedCandidate]:
+    """The candidates of a RankResponse, best first (as many as the server ranked)."""
+    return [RankedCandidate(index, float(response.scores[index])) for index in response.ranking]
 
 
 def embeddings(response: pb.EmbedResponse, images: int, texts: int) -> Embeddings:

@@ -114,6 +114,7 @@ class FusionClient:
     classify = _blocking(AsyncFusionClient.classify)
     classify_batch = _blocking(AsyncFusionClient.classify_batch)
     embed = _blocking(AsyncFusionClient.embed)
+    rank = _blocking(AsyncFusionClient.rank)
     models = _blocking(AsyncFusionClient.models)
     model = _blocking(AsyncFusionClient.model)
     load_model = _blocking(AsyncFusionClient.load_model)

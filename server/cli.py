@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_client_ca": args.tls_client_ca,
         "auth_token_file": args.auth_token_file,
         "max_connection_age_s": args.max_connection_age_s,
+        "embedding_cache_mb": args.embedding_cache_mb,
     }
     settings = ServerSettings.load(args.config, overrides=overrides)
     logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
@@ -54,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"execution provider (default {d.device})")
     p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
     p.add_argument("--max-queue-delay-ms", type=float, help=f"batch wait once busy (default {d.max_queue_delay_ms:g})")
+    p.add_argument("--embedding-cache-mb", type=float,
+                   help=f"memory for cached encoder outputs, 0 = off (default {d.embedding_cache_mb:g})")
     p.add_argument("--shutdown-grace-s", type=float, help=f"drain time on SIGTERM (default {d.shutdown_grace_s:g})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")

@@ -19,10 +19,11 @@ import numpy as np
 
 from fusionserve.errors import InvalidInputError, RepositoryError
 from fusionserve.repository import ModelConfig
+from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.lifecycle import ModelControl
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
-from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult
+from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult, Ranking
 from fusionserve.server.registry import READY, ModelEntry, ModelRegistry
 from fusionserve.server.settings import ServerSettings
 
@@ -45,8 +46,10 @@ class ServingCore:
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after models were loaded or unloaded (the app republishes health)."""
+        mb = settings.embedding_cache_mb
+        self.cache = EmbeddingCache(int(mb * 1024 * 1024), self.metrics) if mb > 0 else None
         self.control = ModelControl(settings, self.registry, self.metrics, self._ort_pool, self._pre_pool,
-                                    self.limits, on_change=self._changed)  # fmt: skip
+                                    self.limits, self.cache, on_change=self._changed)  # fmt: skip
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
@@ -144,6 +147,23 @@ class ServingCore:
         with entry.in_use():
             image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
         return entry, image_features, text_features
+
+    async def rank(
+        self,
+        name: str,
+        version: int,
+        *,
+        image: bytes | None = None,
+        text: str | None = None,
+        images: Sequence[bytes] = (),
+        texts: Sequence[str] = (),
+        deadline: float | None = None,
+    ) -> tuple[ModelEntry, Ranking]:
+        """One query against candidates of the other modality (see MultimodalPipeline.rank)."""
+        entry, pipeline = self.pipeline(name, version)
+        with entry.in_use():
+            ranking = await pipeline.rank(image=image, text=text, images=images, texts=texts, deadline=deadline)
+        return entry, ranking
 
     async def infer(
         self, name: str, version: int, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None

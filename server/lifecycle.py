@@ -38,6 +38,7 @@ from fusionserve.repository import (
     list_versions,
     select_versions,
 )
+from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.limits import Limits
 from fusionserve.server.loader import close, fingerprint, load_onnx, load_pipeline, read_config
 from fusionserve.server.metrics import Metrics
@@ -60,6 +61,7 @@ class ModelControl:
         ort_pool: Executor,
         pre_pool: Executor,
         limits: Limits,
+        cache: EmbeddingCache | None = None,
         on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
@@ -67,6 +69,7 @@ class ModelControl:
         self.registry = registry
         self.metrics = metrics
         self._ort_pool, self._pre_pool, self._limits = ort_pool, pre_pool, limits
+        self.cache = cache
         self._on_change = on_change
         self._lock = asyncio.Lock()
         self._wanted: set[str] | None = None  # explicit mode: the models asked for (None: all of them)
@@ -227,7 +230,7 @@ class ModelControl:
                 started = time.perf_counter()
                 self.registry.add(ModelEntry(config.name, config.version, config, LOADING))
                 entry = await load_pipeline(self.repo, config, self.registry, self.settings, self._pre_pool,
-                                            self._limits)  # fmt: skip
+                                            self._limits, self.cache, self.metrics)  # fmt: skip
                 self._loaded(entry, time.perf_counter() - started)
                 changed = True
         return changed
@@ -284,6 +287,8 @@ class ModelControl:
         started = time.perf_counter()
         await entry.wait_idle()
         await close(entry)
+        if self.cache is not None:
+            self.cache.drop(entry.name, entry.version)
         self.registry.remove(entry.name, entry.version)
         self.metrics.model_unloaded(entry.name, time.perf_counter() - started)
         logger.info("model %s v%d unloaded", entry.name, entry.version)

@@ -21,6 +21,8 @@ from fusionserve.errors import DeviceUnavailableError, RepositoryError
 from fusionserve.preprocess import encode_png
 from fusionserve.repository import ModelConfig, load_config, version_dir
 from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.embedding_cache import EmbeddingCache
+from fusionserve.server.encoders import ImageEncoder, TextEncoder
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline
@@ -102,7 +104,7 @@ async def load_onnx(
 
 async def load_pipeline(
     repo: Path, config: ModelConfig, registry: ModelRegistry, settings: ServerSettings, executor: Executor,
-    limits: Limits,
+    limits: Limits, cache: EmbeddingCache | None, metrics: Metrics,
 ) -> ModelEntry:  # fmt: skip
     """A pipeline's entry over its (already loaded) steps: READY, or FAILED with the reason."""
     entry = ModelEntry(config.name, config.version, config, fingerprint=fingerprint(repo, config.name, config.version))
@@ -120,10 +122,9 @@ async def load_pipeline(
         assert image.batcher and text.batcher and fusion.batcher
         entry.pipeline = MultimodalPipeline(
             plan=plan,
-            image=image.batcher,
-            text=text.batcher,
+            images=ImageEncoder(plan.image, image.batcher, plan.image_preprocessing, limits, executor, cache, metrics),
+            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics),
             fusion=fusion.batcher,
-            executor=executor,
             limits=limits,
             max_batch_size=settings.max_batch_size or config.max_batch_size,
             max_inflight_items=settings.max_pipeline_items,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,10 @@ class ModelTotals:
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # batches (tensor models) or runs (pipelines); compute_ns is their total
     last_inference_ms: int = 0  # since the epoch
+    cache_hit_count: int = 0  # items answered from the embedding cache
+    cache_hit_ns: int = 0
+    cache_miss_count: int = 0  # items looked up there and computed
+    cache_miss_ns: int = 0
     by_batch_size: dict[int, list[int]] = field(default_factory=dict)  # rows → [executions, compute ns]
 
     def executed(self, rows: int, seconds: float) -> None:
@@ -81,6 +86,14 @@ class Metrics:
         )
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r)
         self.queued = Gauge("fusionserve_queued_items", "Items waiting in batch queues", ["model"], registry=r)
+        self.cache_hits = Counter("fusionserve_embedding_cache_hits", "Encoder inputs answered from the cache",
+                                  ["model"], registry=r)  # fmt: skip
+        self.cache_misses = Counter("fusionserve_embedding_cache_misses", "Encoder inputs looked up and computed",
+                                    ["model"], registry=r)  # fmt: skip
+        self.cache_evictions = Counter("fusionserve_embedding_cache_evictions", "Entries evicted to stay in bounds",
+                                       ["model"], registry=r)  # fmt: skip
+        self.cache_held = Gauge("fusionserve_embedding_cache_bytes", "Bytes the embedding cache holds",
+                                ["model"], registry=r)  # fmt: skip
         self.serving_version = Gauge(
             "fusionserve_model_serving_version", "The version a call for the latest gets (0: none ready)", ["model"],
             registry=r,
@@ -97,9 +110,35 @@ class Metrics:
             ["model"], buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0), registry=r,
         )  # fmt: skip
         self.totals: dict[str, ModelTotals] = {}
+        self._cache_counters: dict[str, tuple[Counter, Counter]] = {}
         self._serving: set[str] = set()
         self._http: Any = None
         self.port: int | None = None
+
+    def cache_lookup(self, model: str, *, hits: int, misses: int, seconds: float) -> None:
+        """One lookup of ``hits + misses`` inputs of ``model``'s encoder, which took ``seconds``."""
+        counters = self._cache_counters.get(model)
+        if counters is None:  # labels() costs microseconds: once per model, not per lookup
+            counters = self._cache_counters[model] = (self.cache_hits.labels(model), self.cache_misses.labels(model))
+        if hits:
+            counters[0].inc(hits)
+        if misses:
+            counters[1].inc(misses)
+        totals, ns = self.totals_of(model), int(seconds * 1e9)
+        n = hits + misses
+        totals.cache_hit_count += hits
+        totals.cache_miss_count += misses
+        if n:
+            totals.cache_hit_ns += ns * hits // n
+            totals.cache_miss_ns += ns * misses // n
+
+    def cache_evicted(self, model: str) -> None:
+        """One entry of ``model`` evicted."""
+        self.cache_evictions.labels(model).inc()
+
+    def watch_cache_bytes(self, model: str, held: Callable[[], float]) -> None:
+        """Export ``held()`` (read at each scrape) as the bytes the cache holds for ``model``."""
+        self.cache_held.labels(model).set_function(held)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         """One version of ``model`` loaded and warmed up in ``seconds``."""

@@ -1,9 +1,9 @@
 """The ``multimodal`` pipeline: encoded image + text → probabilities and label.
 
-Images are decoded and preprocessed off the event loop; texts are tokenised; the image and text
-encoders run concurrently (each through its own batcher), then the fusion model (batched too).
-Tensor names, image size and preprocessing, token length and padding come from the pipeline's
-:class:`~fusionserve.server.pipeline_config.PipelinePlan`.
+Both encoders (server/encoders.py: decode or tokenise, the embedding cache, the batchers) run
+concurrently, then the fusion model (batched too). ``rank`` scores one query against candidates of
+the other modality, encoding the query once. Tensor names, image size and preprocessing, token length
+and padding come from the pipeline's :class:`~fusionserve.server.pipeline_config.PipelinePlan`.
 """
 
 from __future__ import annotations
@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from fusionserve.errors import FusionServeError, InvalidInputError, QueueFullError
-from fusionserve.preprocess import ImagePreprocessing, decode_image
 from fusionserve.server.batcher import DynamicBatcher
-from fusionserve.server.limits import Limits, check_image_header
+from fusionserve.server.encoders import ImageEncoder, TextEncoder
+from fusionserve.server.limits import Limits
 from fusionserve.server.pipeline_config import PipelinePlan
-
-INLINE_DECODE_BYTES = 32 * 1024
 
 
 @dataclass
@@ -43,17 +40,13 @@ class PipelineResult:
         return index, self.labels[index]
 
 
-def _decode_all(
-    images: Sequence[bytes], preprocessing: ImagePreprocessing, limits: Limits
-) -> list[np.ndarray | Exception]:
-    out: list[np.ndarray | Exception] = []
-    for i, data in enumerate(images):
-        try:
-            check_image_header(data, limits)
-            out.append(preprocessing.apply(decode_image(data)))
-        except FusionServeError as e:
-            out.append(InvalidInputError(f"item {i}: {e}"))
-    return out
+@dataclass
+class Ranking:
+    """Every candidate's score (the positive label's probability) and the candidates best first."""
+
+    scores: np.ndarray
+    order: list[int]
+    positive_label: str
 
 
 class MultimodalPipeline:
@@ -63,52 +56,40 @@ class MultimodalPipeline:
         self,
         *,
         plan: PipelinePlan,
-        image: DynamicBatcher,
-        text: DynamicBatcher,
+        images: ImageEncoder,
+        texts: TextEncoder,
         fusion: DynamicBatcher,
-        executor: Executor,
         limits: Limits,
         max_batch_size: int,
         max_inflight_items: int,
     ) -> None:
         self.plan = plan
-        self.image, self.text, self.fusion = image, text, fusion
-        self.preprocessing = plan.image_preprocessing
-        self.vocabulary = plan.vocabulary
+        self.image_encoder, self.text_encoder, self.fusion = images, texts, fusion
         self.labels = plan.labels
-        self.executor = executor
+        # The label a match probability is the probability of: "match" when there is one, else the last.
+        self.positive = self.labels.index("match") if "match" in self.labels else len(self.labels) - 1
         self.limits = limits
         self.max_batch_size = max_batch_size
         self.max_inflight_items = max_inflight_items
         self.inflight_items = 0
         self._room = asyncio.Condition()
 
-    def _check_texts(self, texts: Sequence[str]) -> dict[int, FusionServeError]:
+    def _check_texts(self, texts: Sequence[str], noun: str = "item") -> dict[int, FusionServeError]:
         errors: dict[int, FusionServeError] = {}
         for i, text in enumerate(texts):
             if not text or not text.strip():
-                errors[i] = InvalidInputError(f"item {i}: text is empty")
+                errors[i] = InvalidInputError(f"{noun} {i}: text is empty")
             elif len(text) > self.limits.max_text_chars:
                 errors[i] = InvalidInputError(
-                    f"item {i}: text has {len(text)} characters, over the limit of {self.limits.max_text_chars}"
+                    f"{noun} {i}: text has {len(text)} characters, over the limit of {self.limits.max_text_chars}"
                 )
         return errors
 
-    def _check_batch(self, n: int) -> None:
+    def _check_batch(self, n: int, noun: str = "items") -> None:
         if n == 0:
-            raise InvalidInputError("empty batch: send at least one item")
+            raise InvalidInputError(f"empty batch: send at least one of the {noun}")
         if n > self.max_batch_size:
-            raise InvalidInputError(f"batch of {n} items is over the maximum of {self.max_batch_size}")
-
-    async def images(self, images: Sequence[bytes]) -> list[np.ndarray | Exception]:
-        """Decode and resize images off the event loop."""
-        if not images:
-            return []
-        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
-            # One small image decodes faster than a thread hop takes (about 0.1 ms).
-            return _decode_all(images, self.preprocessing, self.limits)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _decode_all, images, self.preprocessing, self.limits)
+            raise InvalidInputError(f"{n} {noun} is over the maximum of {self.max_batch_size}")
 
     async def run(
         self,
@@ -163,11 +144,15 @@ class MultimodalPipeline:
         self, images: Sequence[bytes], texts: Sequence[str], deadline: float | None, per_item_errors: bool
     ) -> PipelineResult:
         n = len(images)
-        errors = self._check_texts(texts)
-        decoded = await self.images(images)
-        for i, value in enumerate(decoded):
-            if isinstance(value, FusionServeError) and i not in errors:
-                errors[i] = value
+        errors: dict[int, Exception] = dict(self._check_texts(texts))
+        good_texts = [i for i in range(n) if i not in errors]
+        lone = self.inflight_items == n
+        (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
+            self.image_encoder.features(images, deadline=deadline, lone=lone),
+            self.text_encoder.features([texts[i] for i in good_texts], deadline=deadline, lone=lone),
+        )
+        text_rows = {good_texts[k]: row for k, row in text_rows.items()}
+        errors.update({i: e for i, e in image_errors.items() if i not in errors})
         if errors and not per_item_errors:
             first = min(errors)
             more = f" (and {len(errors) - 1} more bad items)" if len(errors) > 1 else ""
@@ -175,26 +160,20 @@ class MultimodalPipeline:
         ok = [i for i in range(n) if i not in errors]
         if not ok:
             empty = np.zeros((0, 0), np.float32)
-            return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)
-        batch = np.stack([decoded[i] for i in ok])  # type: ignore[misc]
-        tokens = self.vocabulary.encode([texts[i] for i in ok])
-        lone = self.inflight_items == n
-        image_features, text_features = await asyncio.gather(
-            self._encode_images(batch, deadline, lone), self._encode_texts(tokens, deadline, lone)
-        )
+            return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)  # type: ignore[arg-type]
+        image_features = np.stack([image_rows[i] for i in ok])
+        text_features = np.stack([text_rows[i] for i in ok])
+        probabilities = await self._fuse(image_features, text_features, deadline, lone)
+        return PipelineResult(n, ok, errors, probabilities, image_features, text_features,  # type: ignore[arg-type]
+                              self.labels)  # fmt: skip
+
+    async def _fuse(self, image_features: np.ndarray, text_features: np.ndarray, deadline: float | None,
+                    lone: bool = False) -> np.ndarray:  # fmt: skip
         fusion = self.plan.fusion
         fused = await self.fusion.submit(
             {fusion.inputs[0]: image_features, fusion.inputs[1]: text_features}, deadline=deadline, lone=lone
         )
-        return PipelineResult(n, ok, errors, fused[fusion.output], image_features, text_features, self.labels)
-
-    async def _encode_images(self, batch: np.ndarray, deadline: float | None, lone: bool = False) -> np.ndarray:
-        step = self.plan.image
-        return (await self.image.submit({step.inputs[0]: batch}, deadline=deadline, lone=lone))[step.output]
-
-    async def _encode_texts(self, tokens: np.ndarray, deadline: float | None, lone: bool = False) -> np.ndarray:
-        step = self.plan.text
-        return (await self.text.submit({step.inputs[0]: tokens}, deadline=deadline, lone=lone))[step.output]
+        return fused[fusion.output]
 
     async def embed(
         self, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
@@ -206,24 +185,66 @@ class MultimodalPipeline:
             if count:
                 self._check_batch(count)
         async with self._admit(max(len(images), len(texts))):
-            return await self._embed(images, texts, deadline)
+            errors = self._check_texts(texts)
+            if errors:
+                raise errors[min(errors)]
+            (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
+                self.image_encoder.features(images, deadline=deadline),
+                self.text_encoder.features(texts, deadline=deadline),
+            )
+            if image_errors:
+                raise image_errors[min(image_errors)]
+            image_features = np.stack([image_rows[i] for i in range(len(images))]) if images else None
+            text_features = np.stack([text_rows[i] for i in range(len(texts))]) if texts else None
+            return image_features, text_features
 
-    async def _embed(
-        self, images: Sequence[bytes], texts: Sequence[str], deadline: float | None
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        errors = self._check_texts(texts)
-        if errors:
-            raise errors[min(errors)]
-        decoded = await self.images(images)
-        bad = [d for d in decoded if isinstance(d, Exception)]
-        if bad:
-            raise bad[0]
-        jobs = []
-        if images:
-            jobs.append(self._encode_images(np.stack(decoded), deadline))  # type: ignore[arg-type]
-        if texts:
-            jobs.append(self._encode_texts(self.vocabulary.encode(texts), deadline))
-        results = list(await asyncio.gather(*jobs))
-        image_features = results.pop(0) if images else None
-        text_features = results.pop(0) if texts else None
-        return image_features, text_features
+    async def rank(
+        self,
+        *,
+        image: bytes | None = None,
+        text: str | None = None,
+        images: Sequence[bytes] = (),
+        texts: Sequence[str] = (),
+        deadline: float | None = None,
+    ) -> Ranking:
+        """Score one query (an image or a text) against candidates of the other modality.
+
+        Raises:
+            InvalidInputError: no query or both, candidates of the query's own modality, none or too
+                many, or a bad candidate or query (named).
+        """
+        if (image is None) == (text is None):
+            raise InvalidInputError("rank needs one query: an image or a text")
+        candidates = texts if image is not None else images
+        other = "texts" if image is not None else "images"
+        if (images if image is not None else texts):
+            raise InvalidInputError(f"the query is {'an image' if image is not None else 'a text'}: send {other} "
+                                    "as candidates")  # fmt: skip
+        self._check_batch(len(candidates), f"candidate {other}")
+        async with self._admit(len(candidates) + 1):
+            if image is not None:
+                errors = self._check_texts(texts, "candidate")
+                if errors:
+                    raise errors[min(errors)]
+                (query, query_errors), (rows, row_errors) = await asyncio.gather(
+                    self.image_encoder.features([image], deadline=deadline, noun="query"),
+                    self.text_encoder.features(texts, deadline=deadline),
+                )
+            else:
+                query_text = text or ""
+                if errors := self._check_texts([query_text], "query"):
+                    raise errors[0]
+                (query, query_errors), (rows, row_errors) = await asyncio.gather(
+                    self.text_encoder.features([query_text], deadline=deadline),
+                    self.image_encoder.features(images, deadline=deadline, noun="candidate"),
+                )
+            for bad in (query_errors, row_errors):
+                if bad:
+                    raise bad[min(bad)]
+            n = len(candidates)
+            repeated = np.repeat(query[0][None, :], n, axis=0)
+            stacked = np.stack([rows[i] for i in range(n)])
+            pair = (repeated, stacked) if image is not None else (stacked, repeated)
+            scores = (await self._fuse(*pair, deadline))[:, self.positive]
+        order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+        return Ranking(scores, order, self.labels[self.positive])

@@ -114,6 +114,11 @@ class ServerProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError(f"no VmRSS for process {self.pid}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far (user + system, all threads), in seconds."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def metrics_text(self) -> str:
         """The Prometheus exposition text of the server."""
         if self.metrics_url is None:

@@ -79,6 +79,9 @@ class ServerSettings:
     """onnxruntime graph optimisation: ``disable``, ``basic``, ``extended`` or ``all``."""
     io_binding: bool = True
     """On CUDA, run through an onnxruntime I/O binding (host inputs and outputs bound to the call)."""
+    embedding_cache_mb: float = 64.0
+    """Memory for the per-modality embedding cache (encoder outputs by model version and input),
+    in MiB; 0 turns it off. See docs/BENCHMARKS.md for what it saves on repeated inputs."""
     preprocess_threads: int = 2
     """Threads that decode and resize images (OpenCV releases the GIL)."""
     version_policy: Any = "latest"
@@ -197,6 +200,8 @@ class ServerSettings:
             raise ValueError("cuda_conv_algo_search must be HEURISTIC, EXHAUSTIVE or DEFAULT")
         if self.cuda_arena_extend_strategy not in ("kSameAsRequested", "kNextPowerOfTwo"):
             raise ValueError("cuda_arena_extend_strategy must be kSameAsRequested or kNextPowerOfTwo")
+        if self.embedding_cache_mb < 0:
+            raise ValueError("embedding_cache_mb must be >= 0 (0 turns the cache off)")
         if self.cuda_mem_limit_mb < 0 or self.cuda_device_id < 0:
             raise ValueError("cuda_mem_limit_mb and cuda_device_id must be >= 0")
         for name in ("max_queue_size", "max_pipeline_items", "max_concurrent_rpcs", "max_pending_rpcs",

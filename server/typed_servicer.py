@@ -132,6 +132,22 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                     target.extend(pb.Embedding(values=row.tolist()) for row in features)
             return response
 
+    async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        """One query against candidates of the other modality: scores, and the candidates best first."""
+        name = request.model or PIPELINE_NAME
+        with track(self.core.metrics, self.core.registry.metric_label(name), "typed_rank"):
+            query = request.WhichOneof("query")
+            if request.top_k < 0:
+                raise InvalidInputError(f"top_k must be >= 0 (0: every candidate), not {request.top_k}")
+            entry, ranking = await self.core.rank(
+                name, request.model_version,
+                image=request.image if query == "image" else None, text=request.text if query == "text" else None,
+                images=list(request.images), texts=list(request.texts), deadline=_deadline(context),
+            )  # fmt: skip
+            order = ranking.order[: request.top_k] if request.top_k else ranking.order
+            return pb.RankResponse(scores=ranking.scores.tolist(), ranking=order, model=entry.name,
+                                   model_version=entry.version, positive_label=ranking.positive_label)  # fmt: skip
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:

@@ -95,6 +95,8 @@ def model_statistics(entry: ModelEntry, totals: ModelTotals | None) -> pb.ModelS
     s.success.count, s.success.ns = t.success_count, t.success_ns
     s.fail.count, s.fail.ns = t.fail_count, t.fail_ns
     s.queue.count, s.queue.ns = t.queue_count, t.queue_ns
+    s.cache_hit.count, s.cache_hit.ns = t.cache_hit_count, t.cache_hit_ns
+    s.cache_miss.count, s.cache_miss.ns = t.cache_miss_count, t.cache_miss_ns
     # One onnxruntime run covers input, inference and output: its time is all in compute_infer, and
     # compute_input/compute_output carry the same count with 0 ns (clients check the counts agree).
     for part in (s.compute_input, s.compute_infer, s.compute_output):

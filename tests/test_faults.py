@@ -85,8 +85,10 @@ def _overload(srv: ServerProcess, samples) -> dict:
 
 @pytest.mark.slow
 def test_overload_sheds_the_excess_fast_and_keeps_admitted_latency_bounded(repository, samples, tmp_path):
+    # The embedding cache off: 64 repeated samples would all be cache hits, and a capacity past what
+    # one load-generator process can offer 4 times over would measure the generator, not the server.
     config = write_config(tmp_path / "overload.json", max_pending_rpcs=PENDING, max_pipeline_items=PIPELINE,
-                          max_queue_size=64)  # fmt: skip
+                          max_queue_size=64, embedding_cache_mb=0)  # fmt: skip
     with ServerProcess(repository, metrics_port=0, config=config) as srv:
         runs = []
         for attempt in (1, 2):

@@ -67,7 +67,15 @@ def test_classify_accepts_jpeg_and_bmp_of_other_sizes(stub, samples):
         assert len(response.results) == 1 and abs(sum(response.results[0].probabilities) - 1) < 1e-5
 
 
-def test_concurrent_unary_callers_each_get_their_own_answer(server, stub, samples):
+@pytest.fixture(scope="module")
+def uncached(repository):
+    """A server with the embedding cache off: every item reaches the encoders (and their counters)."""
+    with RunningServer(repository, embedding_cache_mb=0) as running:
+        yield running
+
+
+def test_concurrent_unary_callers_each_get_their_own_answer(uncached, samples):
+    server, stub = uncached, pb_grpc.FusionServiceStub(uncached.channel())
     expected = {i: list(stub.Classify(request([samples[i]])).results[0].probabilities) for i in range(64)}
     before = server.server.core.registry.find("image_encoder").batcher
     batches_before, items_before = before.batches_run, before.items_run
@@ -262,8 +270,9 @@ def _metrics(url: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
 
 
-def test_metrics_count_what_was_served(server, stub, samples):
+def test_metrics_count_what_was_served(uncached, samples):
     """Three sequential calls of 2 items each: the counters move by exactly what was served."""
+    server, stub = uncached, pb_grpc.FusionServiceStub(uncached.channel())
     before = _metrics(server.metrics_url)
     for i in range(3):
         stub.Classify(request(samples[2 * i : 2 * i + 2]))

@@ -98,6 +98,38 @@ class EmbedResponse(_message.Message):
     model_version: int
     def __init__(self, image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
+class RankRequest(_message.Message):
+    __slots__ = ("image", "text", "images", "texts", "top_k", "model", "model_version")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    text: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    model: str
+    model_version: int
+    def __init__(self, image: _Optional[bytes] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("scores", "ranking", "model", "model_version", "positive_label")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    ranking: _containers.RepeatedScalarFieldContainer[int]
+    model: str
+    model_version: int
+    positive_label: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., ranking: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., positive_label: _Optional[str] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -51,6 +51,11 @@ class FusionServiceStub:
                 request_serializer=fusionserve_dot_v1_dot_fusion__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=fusionserve_dot_v1_dot_fusion__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Rank = channel.unary_unary(
+                '/fusionserve.v1.FusionService/Rank',
+                request_serializer=fusionserve_dot_v1_dot_fusion__pb2.RankRequest.SerializeToString,
+                response_deserializer=fusionserve_dot_v1_dot_fusion__pb2.RankResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/fusionserve.v1.FusionService/ListModels',
                 request_serializer=fusionserve_dot_v1_dot_fusion__pb2.ListModelsRequest.SerializeToString,
@@ -97,6 +102,14 @@ class FusionServiceServicer:
 
     def Embed(self, request, context):
         """Image and/or text embeddings for a batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rank(self, request, context):
+        """One query (an image or a text) against candidates of the other modality: every candidate's
+        match probability, and the candidates best first. The query is encoded once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +162,11 @@ def add_FusionServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=fusionserve_dot_v1_dot_fusion__pb2.EmbedRequest.FromString,
                     response_serializer=fusionserve_dot_v1_dot_fusion__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Rank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rank,
+                    request_deserializer=fusionserve_dot_v1_dot_fusion__pb2.RankRequest.FromString,
+                    response_serializer=fusionserve_dot_v1_dot_fusion__pb2.RankResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -254,6 +272,33 @@ class FusionService:
             '/fusionserve.v1.FusionService/Embed',
             fusionserve_dot_v1_dot_fusion__pb2.EmbedRequest.SerializeToString,
             fusionserve_dot_v1_dot_fusion__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fusionserve.v1.FusionService/Rank',
+            fusionserve_dot_v1_dot_fusion__pb2.RankRequest.SerializeToString,
+            fusionserve_dot_v1_dot_fusion__pb2.RankResponse.FromString,
             options,
             channel_credentials,
             insecure,
