@@ -72,10 +72,6 @@ class EmbeddingCache:
             self.metrics.watch_cache_bytes(model, lambda: self._bytes.get(model, 0))
         self._bytes[model] = self._bytes.get(model, 0) + size
 
-    def held(self, model: str) -> int:
-        """Bytes held for ``model``'s entries (all its versions), overhead included."""
-        return self._bytes.get(model, 0)
-
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -196,7 +196,7 @@ class ModelControl:
 
         async def read(name: str, version: int) -> None:
             nonlocal changed
-            existing = self.registry.find(name, version) if self.registry.has(name, version) else None
+            existing = self.registry.lookup(name, version)
             if existing is not None:
                 if existing.state != FAILED:
                     return
@@ -213,26 +213,22 @@ class ModelControl:
         for name, versions in wanted.items():
             for version in versions:
                 await read(name, version)
-        for (_, _), config in list(configs.items()):
+        for config in list(configs.values()):
             if config.platform == PLATFORM_PIPELINE:
                 for step, step_version in config.steps.items():
                     if (step, step_version) not in configs and step_version in list_versions(self.repo, step):
                         await read(step, step_version)
-        for config in configs.values():
-            if config.platform != PLATFORM_PIPELINE:
-                started = time.perf_counter()
-                self.registry.add(ModelEntry(config.name, config.version, config, LOADING))
-                entry = await load_onnx(self.repo, config, self.settings, self._ort_pool, self.metrics)
-                self._loaded(entry, time.perf_counter() - started)
-                changed = True
-        for config in configs.values():
+        # Tensor models first (the sort is stable): a pipeline loads after the step versions it pins.
+        for config in sorted(configs.values(), key=lambda c: c.platform == PLATFORM_PIPELINE):
+            started = time.perf_counter()
+            self.registry.add(ModelEntry(config.name, config.version, config, LOADING))
             if config.platform == PLATFORM_PIPELINE:  # FAILED while a step is missing; tried again when it comes
-                started = time.perf_counter()
-                self.registry.add(ModelEntry(config.name, config.version, config, LOADING))
                 entry = await load_pipeline(self.repo, config, self.registry, self.settings, self._pre_pool,
                                             self._limits, self.cache, self.metrics)  # fmt: skip
-                self._loaded(entry, time.perf_counter() - started)
-                changed = True
+            else:
+                entry = await load_onnx(self.repo, config, self.settings, self._ort_pool, self.metrics)
+            self._loaded(entry, time.perf_counter() - started)
+            changed = True
         return changed
 
     def _fingerprint(self, name: str, version: int, config: ModelConfig | None) -> tuple:
@@ -294,7 +290,8 @@ class ModelControl:
         logger.info("model %s v%d unloaded", entry.name, entry.version)
 
     def _ready(self, name: str, version: int) -> bool:
-        return self.registry.has(name, version) and self.registry.find(name, version).state == READY
+        entry = self.registry.lookup(name, version)
+        return entry is not None and entry.state == READY
 
     def _update_gauges(self) -> None:
         for name in {*self.registry.names(), *self.metrics.serving_names()}:

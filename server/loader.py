@@ -1,8 +1,9 @@
 """From a model repository on disk to serving entries: sessions, batchers, pipelines, warm-up.
 
-``read_config`` reads one version's config (and the fingerprint of its files); ``load_onnx`` gives
-a tensor model its onnxruntime session and batcher and warms it up; ``load_pipeline`` resolves a
-pipeline's plan against its steps and builds it; ``close`` releases an entry. Blocking work (hashing,
+``read_config`` reads one version's config; ``fingerprint`` lists its folder's files (the lifecycle
+tries a FAILED version again when they change); ``load_onnx`` gives a tensor model its onnxruntime
+session and batcher and warms it up; ``load_pipeline`` resolves a pipeline's plan against its steps
+and builds it; ``close`` releases an entry. Blocking work (hashing,
 session creation) runs in a worker thread, so a server loading a new version goes on serving. A
 model that fails becomes a FAILED entry with the reason, and the others still serve.
 """
@@ -48,7 +49,7 @@ def read_config(repo: Path, name: str, version: int) -> tuple[ModelConfig | None
     try:
         return load_config(repo, name, version), None
     except RepositoryError as e:
-        return None, ModelEntry(name, version, None, FAILED, str(e), fingerprint=fingerprint(repo, name, version))
+        return None, ModelEntry(name, version, None, FAILED, str(e))
 
 
 async def load_onnx(
@@ -59,7 +60,7 @@ async def load_onnx(
     Raises:
         DeviceUnavailableError: ``device=cuda`` and CUDA does not load (fatal for the whole server).
     """
-    entry = ModelEntry(config.name, config.version, config, fingerprint=fingerprint(repo, config.name, config.version))
+    entry = ModelEntry(config.name, config.version, config)
     s = settings
     loop = asyncio.get_running_loop()
     try:
@@ -107,11 +108,11 @@ async def load_pipeline(
     limits: Limits, cache: EmbeddingCache | None, metrics: Metrics,
 ) -> ModelEntry:  # fmt: skip
     """A pipeline's entry over its (already loaded) steps: READY, or FAILED with the reason."""
-    entry = ModelEntry(config.name, config.version, config, fingerprint=fingerprint(repo, config.name, config.version))
+    entry = ModelEntry(config.name, config.version, config)
     try:
         steps = {}
         for model, version in config.steps.items():
-            step = registry.find(model, version) if registry.has(model, version) else None
+            step = registry.lookup(model, version)
             if step is None or step.state != READY or step.batcher is None or step.config is None:
                 why = step.reason if step is not None else "not in the repository"
                 raise RepositoryError(f"step {model} v{version} is not ready: {why}")

@@ -86,6 +86,10 @@ class ModelRegistry:
         """Whether that exact version is registered, in any state."""
         return (name, version) in self._entries
 
+    def lookup(self, name: str, version: int) -> ModelEntry | None:
+        """That exact version's entry, in any state, or None."""
+        return self._entries.get((name, version))
+
     def remove(self, name: str, version: int) -> None:
         """Forget that version (the caller has drained and closed it)."""
         self._entries.pop((name, version), None)
@@ -124,8 +128,7 @@ class ModelRegistry:
             raise ModelNotFoundError(f"unknown model {name[:200]!r}")
         versions = self.versions(name)
         if not versions:
-            known = sorted({n for (n, _) in self._entries})
-            raise ModelNotFoundError(f"unknown model {name!r}; this server has {known}")
+            raise ModelNotFoundError(f"unknown model {name!r}; this server has {self.names()}")
         if version == 0:
             ready = [v for v in versions if self._entries[(name, v)].state == READY]
             version = max(ready or versions)
