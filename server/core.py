@@ -8,9 +8,10 @@ in and out; no protobuf and no gRPC in here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,14 +91,19 @@ class ServingCore:
         self._ort_pool.shutdown(wait=True)
         self._pre_pool.shutdown(wait=True)
 
-    def pipeline(self, name: str, version: int = 0) -> tuple[ModelEntry, MultimodalPipeline]:
-        """A ready pipeline model, or InvalidInputError if ``name`` is a tensor model."""
+    @contextlib.contextmanager
+    def _pipeline(self, name: str, version: int) -> Iterator[tuple[ModelEntry, MultimodalPipeline]]:
+        """A ready pipeline model, held for one call (InvalidInputError if ``name`` is a tensor model).
+
+        The hold is taken with the lookup: the version cannot go before the answer.
+        """
         entry = self.registry.get(name, version)
         if entry.pipeline is None:
             raise InvalidInputError(
-                f"model {name!r} is a tensor model; classify/embed need a pipeline such as 'multimodal'"
+                f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
             )
-        return entry, entry.pipeline
+        with entry.in_use():
+            yield entry, entry.pipeline
 
     # ---- inference -------------------------------------------------------------------------
     async def classify(
@@ -112,8 +118,7 @@ class ServingCore:
         wait_for_room: bool = False,
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
-        entry, pipeline = self.pipeline(name, version)
-        with entry.in_use():  # taken with the lookup: the version cannot go before the answer
+        with self._pipeline(name, version) as (entry, pipeline):
             result = await self._run_pipeline(
                 entry, pipeline, images, texts,
                 deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
@@ -143,8 +148,7 @@ class ServingCore:
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
     ) -> tuple[ModelEntry, np.ndarray | None, np.ndarray | None]:
         """Image and/or text embeddings from a pipeline's encoders."""
-        entry, pipeline = self.pipeline(name, version)
-        with entry.in_use():
+        with self._pipeline(name, version) as (entry, pipeline):
             image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
         return entry, image_features, text_features
 
@@ -160,8 +164,7 @@ class ServingCore:
         deadline: float | None = None,
     ) -> tuple[ModelEntry, Ranking]:
         """One query against candidates of the other modality (see MultimodalPipeline.rank)."""
-        entry, pipeline = self.pipeline(name, version)
-        with entry.in_use():
+        with self._pipeline(name, version) as (entry, pipeline):
             ranking = await pipeline.rank(image=image, text=text, images=images, texts=texts, deadline=deadline)
         return entry, ranking
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,13 @@ class MultimodalPipeline:
                     f"{noun} {i}: text has {len(text)} characters, over the limit of {self.limits.max_text_chars}"
                 )
         return errors
+
+    @staticmethod
+    def _raise_first(*errors: Mapping[int, Exception]) -> None:
+        """Raise the error of the lowest index, of the first map that has any."""
+        for found in errors:
+            if found:
+                raise found[min(found)]
 
     def _check_batch(self, n: int, noun: str = "items") -> None:
         if n == 0:
@@ -185,15 +192,12 @@ class MultimodalPipeline:
             if count:
                 self._check_batch(count)
         async with self._admit(max(len(images), len(texts))):
-            errors = self._check_texts(texts)
-            if errors:
-                raise errors[min(errors)]
+            self._raise_first(self._check_texts(texts))
             (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
                 self.image_encoder.features(images, deadline=deadline),
                 self.text_encoder.features(texts, deadline=deadline),
             )
-            if image_errors:
-                raise image_errors[min(image_errors)]
+            self._raise_first(image_errors)
             image_features = np.stack([image_rows[i] for i in range(len(images))]) if images else None
             text_features = np.stack([text_rows[i] for i in range(len(texts))]) if texts else None
             return image_features, text_features
@@ -223,24 +227,19 @@ class MultimodalPipeline:
         self._check_batch(len(candidates), f"candidate {other}")
         async with self._admit(len(candidates) + 1):
             if image is not None:
-                errors = self._check_texts(texts, "candidate")
-                if errors:
-                    raise errors[min(errors)]
+                self._raise_first(self._check_texts(texts, "candidate"))
                 (query, query_errors), (rows, row_errors) = await asyncio.gather(
                     self.image_encoder.features([image], deadline=deadline, noun="query"),
                     self.text_encoder.features(texts, deadline=deadline),
                 )
             else:
                 query_text = text or ""
-                if errors := self._check_texts([query_text], "query"):
-                    raise errors[0]
+                self._raise_first(self._check_texts([query_text], "query"))
                 (query, query_errors), (rows, row_errors) = await asyncio.gather(
                     self.text_encoder.features([query_text], deadline=deadline),
                     self.image_encoder.features(images, deadline=deadline, noun="candidate"),
                 )
-            for bad in (query_errors, row_errors):
-                if bad:
-                    raise bad[min(bad)]
+            self._raise_first(query_errors, row_errors)
             n = len(candidates)
             repeated = np.repeat(query[0][None, :], n, axis=0)
             stacked = np.stack([rows[i] for i in range(n)])

@@ -196,6 +196,19 @@ def test_bad_rank_requests_say_what_to_fix(servers, samples, request_, message):
     assert message in info.value.details()
 
 
+def test_a_tensor_model_is_refused_where_a_pipeline_is_needed(servers, samples):
+    on, _ = servers
+    stub = pb_grpc.FusionServiceStub(on.channel())
+    image, text = samples[0]
+    for call, request_ in ((stub.Classify, pb.ClassifyRequest(items=[pb.Item(image=image, text=text)], model="fusion")),
+                           (stub.Embed, pb.EmbedRequest(texts=[text], model="fusion")),
+                           (stub.Rank, pb.RankRequest(image=image, texts=[text], model="fusion"))):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            call(request_)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'fusion' is a tensor model; classify, embed and rank need a pipeline" in info.value.details()
+
+
 def test_the_client_refuses_a_rank_without_exactly_one_query(client):
     with pytest.raises(FusionClientError, match="rank needs one query"):
         client.rank(texts=["a"])
