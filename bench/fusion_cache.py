@@ -21,7 +21,6 @@ measured one at a time, in one run (``--parts`` picks some):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import numpy as np
 from _common import ServerProcess, load, machine, repository, result_name, samples, write
 
 from fusionserve.client.loadgen.requests import typed_request
+from fusionserve.data import COLOURS, SHAPES, TEMPLATES
 from fusionserve.preprocess import Vocabulary
 from fusionserve.server.settings import ServerSettings
 from fusionserve.v1 import fusion_pb2 as pb
@@ -47,7 +47,7 @@ def captions(vocabulary: Vocabulary, n: int, seed: int) -> list[str]:
     """``n`` captions that are distinct as the text encoder sees them (distinct token ids)."""
     rng = np.random.default_rng(seed)
     words = sorted(vocabulary.word_index)
-    bases = sorted({text for _, text in samples(200, seed=seed)})
+    bases = [t.format(colour=c, shape=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]  # the training captions
     out: list[str] = []
     seen: set[bytes] = set()
     while len(out) < n:
@@ -205,7 +205,7 @@ def main() -> None:
     duration, rank_calls = (1.0, 5) if args.smoke else (args.duration, args.rank_calls)
     cache_mb = 2 if args.smoke else ServerSettings().embedding_cache_mb  # smoke: a small cache fills quickly
     repo = repository(backbone=args.backbone, smoke=args.smoke)
-    vocabulary = Vocabulary.from_json(json.loads((repo / "multimodal" / "1" / "vocab.json").read_text()))
+    vocabulary = Vocabulary.load(repo / "multimodal" / "1" / "vocab.json")
     on = ServerProcess(repo, "--embedding-cache-mb", str(cache_mb), metrics_port=0, start=False)
     off = ServerProcess(repo, "--embedding-cache-mb", "0", metrics_port=0, start=False)
     results: dict[str, Any] = {"machine": machine(), "settings": {"duration_s": duration, "zipf_s": args.zipf,
