@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -11,7 +12,7 @@ from typing import Any, TypeVar, Union
 
 import grpc
 
-from fusionserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE_CODES, TLSConfig, create_channel
+from fusionserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, RESUMABLE_CODES, TLSConfig, create_channel
 from fusionserve.client.errors import FusionClientError
 from fusionserve.client.health import HEALTH_CHECK, decode_status, encode_request
 from fusionserve.client.inputs import ImageInput, image_bytes, invalid, pair, text_of
@@ -36,7 +37,7 @@ T = TypeVar("T")
 Items = Union[Iterable[Any], AsyncIterable[Any]]
 """(image, text) pairs, from a plain or an async iterable."""
 
-_RESUMABLE = frozenset(getattr(grpc.StatusCode, name) for name in RETRYABLE_CODES)
+_RESUMABLE = frozenset(getattr(grpc.StatusCode, name) for name in RESUMABLE_CODES)
 
 
 class AsyncFusionClient:
@@ -44,9 +45,10 @@ class AsyncFusionClient:
 
     Create it inside a running event loop (gRPC binds a channel to its loop) and close it with
     ``await client.aclose()`` or ``async with``. Every call has a deadline; unary calls are
-    retried on UNAVAILABLE (and CANCELLED by a server shutting down) by the channel's retry
-    policy, and wait for a replica to be reachable (within the deadline) when ``wait_for_ready``
-    is on. Every failure raises :class:`FusionClientError`.
+    retried by the channel's retry policy on UNAVAILABLE (and CANCELLED by a server shutting
+    down), and on RESOURCE_EXHAUSTED after the wait an overloaded server asks for; they wait for
+    a replica to be reachable (within the deadline) when ``wait_for_ready`` is on. Every failure
+    raises :class:`FusionClientError`.
 
     Args:
         target: ``HOST:PORT``, a gRPC URI (``dns:///name:port`` for a Kubernetes headless
@@ -61,6 +63,10 @@ class AsyncFusionClient:
         health_check: let round_robin skip replicas that report NOT_SERVING (e.g. draining).
         max_message_bytes: largest message sent or received.
         keepalive_time_s: ping interval on a connection with active calls.
+        connections: HTTP/2 connections per replica, each its own channel; calls take them in
+            turn. A server with several worker processes (``serve --workers N``) serves each
+            connection in one worker (the kernel spreads connections, not calls), so give at least N
+            to use them all from one client.
     """
 
     def __init__(
@@ -75,7 +81,10 @@ class AsyncFusionClient:
         health_check: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_time_s: float = 60.0,
+        connections: int = 1,
     ) -> None:
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be a whole number >= 1, not {connections!r}")
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -97,8 +106,14 @@ class AsyncFusionClient:
             "max_message_bytes": max_message_bytes,
             "keepalive_time_s": keepalive_time_s,
         }
-        self._channel = create_channel(target, health_check=health_check, **self._channel_args)
-        self._stub = pb_grpc.FusionServiceStub(self._channel)
+        # Several connections need channels that do not share one (gRPC shares equal channels' connections).
+        self._channels = [
+            create_channel(target, health_check=health_check, separate_connection=connections > 1, **self._channel_args)
+            for _ in range(connections)
+        ]
+        self._channel = self._channels[0]
+        self._stubs = [pb_grpc.FusionServiceStub(channel) for channel in self._channels]
+        self._turn = itertools.count()
         # Health and model listings go through a channel without client-side health checking:
         # they must reach a replica that is NOT_SERVING, to report it.
         self._admin_channel: grpc.aio.Channel | None = None
@@ -106,7 +121,8 @@ class AsyncFusionClient:
     # ---- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Close the channels (calls in flight are cancelled)."""
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
         if self._admin_channel is not None:
             await self._admin_channel.close()
 
@@ -122,9 +138,20 @@ class AsyncFusionClient:
         return self._admin_channel
 
     # ---- plumbing -----------------------------------------------------------------------------
+    @property
+    def _stub(self) -> pb_grpc.FusionServiceStub:
+        """The next connection's stub, in turn (a stream reopened after a fault takes the next one)."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
     async def _unary(self, method: Any, request: Any, timeout_s: float | None, *, wait: bool | None = None) -> Any:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         wait_for_ready = self.wait_for_ready if wait is None else wait
+        limit = self._channel_args["max_message_bytes"]
+        if hasattr(request, "ByteSize") and (size := request.ByteSize()) > limit:
+            # Checked here: gRPC's own refusal is RESOURCE_EXHAUSTED, which the retry policy would retry.
+            raise FusionClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request of {size} bytes is over the {limit} byte message limit: "
+                                    "send fewer or smaller items per call")  # fmt: skip
         try:
             return await method(request, timeout=timeout, metadata=self._metadata, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as e:

@@ -28,14 +28,21 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 RETRIED_METHODS = (
     (FUSION_SERVICE, "Classify"),
     (FUSION_SERVICE, "Embed"),
+    (FUSION_SERVICE, "Rank"),
     (FUSION_SERVICE, "ListModels"),
     (FUSION_SERVICE, "GetModel"),
     (HEALTH_SERVICE, "Check"),
 )
-RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
-"""UNAVAILABLE: no replica, or one that drains. CANCELLED: a server that shuts down resets the calls
-it had received but not started (HTTP/2 RST_STREAM CANCEL, which reaches the client as CANCELLED);
-the client's own cancellations are never retried, so for idempotent calls this is safe."""
+RESUMABLE_CODES = ("UNAVAILABLE", "CANCELLED")
+"""This replica cannot serve now: try another. UNAVAILABLE: no replica, or one that drains.
+CANCELLED: a server that shuts down resets the calls it had received but not started (HTTP/2
+RST_STREAM CANCEL, which reaches the client as CANCELLED); the client's own cancellations are never
+retried, so for idempotent calls this is safe. A stream resumes its unanswered items elsewhere."""
+RETRYABLE_CODES = (*RESUMABLE_CODES, "RESOURCE_EXHAUSTED")
+"""What the unary calls' retry policy retries: the above, and RESOURCE_EXHAUSTED from an overloaded
+server, which says when to come back (``grpc-retry-pushback-ms``): gRPC waits that long instead of its
+own backoff. Under a lasting overload the retry throttling below stops retries altogether, so refused
+calls never multiply the load."""
 RETRY_POLICY = {
     "maxAttempts": 5,  # gRPC caps this at 5
     "initialBackoff": "0.1s",

@@ -24,7 +24,16 @@ class ModelNotReadyError(FusionServeError):
 
 
 class QueueFullError(FusionServeError):
-    """The model's batch queue is full; the caller should back off and retry."""
+    """Refused for lack of room (a full batch queue, pipeline or stream table); back off and retry.
+
+    ``reason`` names the bound that refused (the shed metric's label); ``retry_after_s``, when known,
+    is how long the caller should wait before trying again.
+    """
+
+    def __init__(self, message: str, *, reason: str = "capacity", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceededError(FusionServeError):

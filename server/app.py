@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from fusionserve.server import grpc_counts
 from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
 from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
@@ -31,13 +33,20 @@ TYPED_SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_nam
 
 
 class FusionServer:
-    """A running fusionserve server: the core, the gRPC server, health and metrics."""
+    """A running fusionserve server: the core, the gRPC server, health and metrics.
 
-    def __init__(self, settings: ServerSettings) -> None:
+    ``worker`` (1, 2, …) makes it one of the processes of ``serve --workers N`` (server/supervisor.py):
+    it binds the port with ``SO_REUSEPORT`` beside its siblings and its metrics go to the
+    supervisor's files; 0 is a process of its own.
+    """
+
+    def __init__(self, settings: ServerSettings, *, worker: int = 0) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics()
         self.core = ServingCore(settings, self.metrics)
-        self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight)
+        self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight,
+                               on_refusal=lambda reason: self.metrics.shed.labels(reason).inc())  # fmt: skip
         self.core.on_change = self._publish_health  # versions loaded or unloaded while serving
         self._health_names: set[str] = set()
         self.health = HealthServicer()
@@ -45,6 +54,7 @@ class FusionServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load and warm up the models, then bind and start serving."""
@@ -56,13 +66,15 @@ class FusionServer:
         interceptors.append(ErrorInterceptor())
         await self.core.start()
         limit = self.settings.max_message_bytes
+        before = grpc_counts.server_ids()
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Workers share the port; a process of its own must not share it with a stray server.
+                ("grpc.so_reuseport", 1 if self.worker else 0),
                 # Bound gRPC's own accept queue (see ServerSettings.max_pending_rpcs): beyond it new
                 # calls are shed at once instead of waiting, unseen, for seconds under overload.
                 ("grpc.server.max_pending_requests", self.settings.max_pending_rpcs),
@@ -70,6 +82,10 @@ class FusionServer:
                 *self._connection_age_options(),
             ],
         )
+        ours = grpc_counts.server_ids() - before
+        if len(ours) == 1:  # several servers made at once in one process (tests) cannot tell theirs apart
+            server_id = ours.pop()
+            self.metrics.watch(self.metrics.grpc_calls_received, lambda: grpc_counts.calls_started(server_id))
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core, self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [TYPED_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -87,7 +103,18 @@ class FusionServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._publish_health()
-        logger.info("fusionserve listening on %s (port %d)", self.settings.host, self.port)
+        if self.worker:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
+            # Not "listening on": the supervisor says that once every worker is serving.
+            logger.info("worker %d serving on %s (port %d)", self.worker, self.settings.host, self.port)
+        else:
+            logger.info("fusionserve listening on %s (port %d)", self.settings.host, self.port)
+
+    async def _refresh_metrics(self) -> None:
+        """A worker's gauges read at scrape time in one process are copied to its files each second."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(1.0)
 
     def _connection_age_options(self) -> list[tuple[str, int]]:
         age = self.settings.max_connection_age_s
@@ -133,6 +160,8 @@ class FusionServer:
             await asyncio.sleep(delay)
             await self._server.stop(grace - delay)
         await self.core.aclose()
+        if self._refresher is not None:
+            self._refresher.cancel()
         self.metrics.close()
         self._stopped.set()
         logger.info("shut down")
@@ -142,10 +171,18 @@ class FusionServer:
         await self._stopped.wait()
 
 
-async def serve(settings: ServerSettings) -> int:
-    """Run a server until SIGTERM or SIGINT, then drain and return 0."""
-    server = FusionServer(settings)
+async def serve(settings: ServerSettings, *, worker: int = 0, on_started: Callable[[], None] | None = None) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain and return 0.
+
+    Args:
+        settings: what to serve, and how.
+        worker: this process's number under ``serve --workers N`` (0: a process of its own).
+        on_started: called once the server is serving (a worker tells its supervisor so).
+    """
+    server = FusionServer(settings, worker=worker)
     await server.start()
+    if on_started is not None:
+        on_started()
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

@@ -149,7 +149,9 @@ class DynamicBatcher:
             )
         if self._queued_items + size > self.max_queue_size:
             raise QueueFullError(
-                f"model {self.name!r}: queue is full ({self._queued_items} of {self.max_queue_size} items); retry later"
+                f"model {self.name!r}: queue is full ({self._queued_items} of {self.max_queue_size} items); "
+                "retry later",
+                reason="queue_full",
             )
         loop = asyncio.get_running_loop()
         work = _Work(inputs, size, loop.create_future(), deadline, lone)

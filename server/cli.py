@@ -14,7 +14,6 @@ from fusionserve.server.settings import ServerSettings
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load settings (defaults < --config < FUSIONSERVE_* env < flags) and serve until SIGTERM."""
     require("server", "fusionserve serve")
-    from fusionserve.server.app import serve
 
     overrides = {
         "repository": args.repository,
@@ -22,6 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "repository_poll_secs": args.repository_poll_secs,
         "host": args.host,
         "port": args.port,
+        "workers": args.workers,
         "metrics_port": args.metrics_port,
         "device": args.device,
         "max_batch_size": args.max_batch_size,
@@ -33,9 +33,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "auth_token_file": args.auth_token_file,
         "max_connection_age_s": args.max_connection_age_s,
         "embedding_cache_mb": args.embedding_cache_mb,
+        "queue_delay_target_ms": args.queue_delay_target_ms,
     }
     settings = ServerSettings.load(args.config, overrides=overrides)
     logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
+    from fusionserve.server.supervisor import supervise, worker_count
+
+    count, why = worker_count(settings)
+    if count > 1:
+        return asyncio.run(supervise(settings, count, why))
+    if settings.workers == "auto":
+        logging.getLogger(__name__).info("one process (%s)", why)
+    from fusionserve.server.app import serve
+
     return asyncio.run(serve(settings))
 
 
@@ -51,10 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds between repository reads in poll mode (default {d.repository_poll_secs:g})")
     p.add_argument("--host", help=f"bind address (default {d.host})")
     p.add_argument("--port", type=int, help=f"gRPC port (default {d.port})")
+    p.add_argument("--workers", metavar="N|auto",
+                   help=f"serving processes sharing the port: a number, or auto (one per usable core; 1 on "
+                        f"CUDA or with explicit model control) (default {d.workers})")  # fmt: skip
     p.add_argument("--metrics-port", type=int, help=f"Prometheus port (default {d.metrics_port}, -1 disables)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"execution provider (default {d.device})")
     p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
     p.add_argument("--max-queue-delay-ms", type=float, help=f"batch wait once busy (default {d.max_queue_delay_ms:g})")
+    p.add_argument("--queue-delay-target-ms", type=float,
+                   help=f"overload control: refuse new work that would wait longer than this to start, "
+                        f"0 = off (default {d.queue_delay_target_ms:g})")  # fmt: skip
     p.add_argument("--embedding-cache-mb", type=float,
                    help=f"memory for cached encoder outputs, 0 = off (default {d.embedding_cache_mb:g})")
     p.add_argument("--shutdown-grace-s", type=float, help=f"drain time on SIGTERM (default {d.shutdown_grace_s:g})")

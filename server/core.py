@@ -20,6 +20,7 @@ import numpy as np
 
 from fusionserve.errors import InvalidInputError, RepositoryError
 from fusionserve.repository import ModelConfig
+from fusionserve.server.admission import Admission
 from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.lifecycle import ModelControl
 from fusionserve.server.limits import Limits
@@ -47,12 +48,18 @@ class ServingCore:
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after models were loaded or unloaded (the app republishes health)."""
+        self.admission = Admission(settings.queue_delay_target_ms / 1000, on_change=self._admission_measured)
+        """Overload control: every inference call passes it before any work."""
         mb = settings.embedding_cache_mb
         self.cache = EmbeddingCache(int(mb * 1024 * 1024), self.metrics) if mb > 0 else None
         self.control = ModelControl(settings, self.registry, self.metrics, self._ort_pool, self._pre_pool,
                                     self.limits, self.cache, on_change=self._changed)  # fmt: skip
         # Bad images are answered with INVALID_ARGUMENT; OpenCV's own error lines would only be noise.
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+    def _admission_measured(self, admission: Admission) -> None:
+        self.metrics.admission_capacity.set(admission.capacity or 0.0)
+        self.metrics.admission_limit.set(admission.limit or 0.0)
 
     async def _changed(self) -> None:
         if self.on_change is not None:
@@ -92,17 +99,18 @@ class ServingCore:
         self._pre_pool.shutdown(wait=True)
 
     @contextlib.contextmanager
-    def _pipeline(self, name: str, version: int) -> Iterator[tuple[ModelEntry, MultimodalPipeline]]:
-        """A ready pipeline model, held for one call (InvalidInputError if ``name`` is a tensor model).
+    def _pipeline(self, name: str, version: int, items: int) -> Iterator[tuple[ModelEntry, MultimodalPipeline]]:
+        """A ready pipeline model, held for one call of ``items`` items, past the door (overload control).
 
-        The hold is taken with the lookup: the version cannot go before the answer.
+        Raises InvalidInputError if ``name`` is a tensor model. The hold is taken with the lookup: the
+        version cannot go before the answer.
         """
         entry = self.registry.get(name, version)
         if entry.pipeline is None:
             raise InvalidInputError(
                 f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
             )
-        with entry.in_use():
+        with self.admission.admit(items), entry.in_use():
             yield entry, entry.pipeline
 
     # ---- inference -------------------------------------------------------------------------
@@ -118,7 +126,7 @@ class ServingCore:
         wait_for_room: bool = False,
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
-        with self._pipeline(name, version) as (entry, pipeline):
+        with self._pipeline(name, version, len(images)) as (entry, pipeline):
             result = await self._run_pipeline(
                 entry, pipeline, images, texts,
                 deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
@@ -148,7 +156,7 @@ class ServingCore:
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
     ) -> tuple[ModelEntry, np.ndarray | None, np.ndarray | None]:
         """Image and/or text embeddings from a pipeline's encoders."""
-        with self._pipeline(name, version) as (entry, pipeline):
+        with self._pipeline(name, version, max(len(images), len(texts))) as (entry, pipeline):
             image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
         return entry, image_features, text_features
 
@@ -164,7 +172,7 @@ class ServingCore:
         deadline: float | None = None,
     ) -> tuple[ModelEntry, Ranking]:
         """One query against candidates of the other modality (see MultimodalPipeline.rank)."""
-        with self._pipeline(name, version) as (entry, pipeline):
+        with self._pipeline(name, version, len(images) + len(texts) + 1) as (entry, pipeline):
             ranking = await pipeline.rank(image=image, text=text, images=images, texts=texts, deadline=deadline)
         return entry, ranking
 
@@ -180,9 +188,11 @@ class ServingCore:
         assert entry.config is not None
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")
-        validate_inputs(entry.config, inputs, entry.max_batch_size)
-        with entry.in_use():
-            return entry, await entry.batcher.submit(inputs, deadline=deadline)
+        rows = len(next(iter(inputs.values()), ()))
+        with self.admission.admit(rows):
+            validate_inputs(entry.config, inputs, entry.max_batch_size)
+            with entry.in_use():
+                return entry, await entry.batcher.submit(inputs, deadline=deadline)
 
 
 def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray], max_batch_size: int) -> None:

@@ -116,9 +116,24 @@ def _prepared(request: Any, method: str) -> Any:
     return request
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""gRPC's retry pushback trailer: a client whose retry policy covers the status waits this long before
+its retry (and does not retry at all when the value is negative)."""
+
+
+def pushback(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata telling the caller when to retry, for errors that know (else none)."""
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    return ((PUSHBACK_KEY, str(max(1, round(retry_after_s * 1000)))),)
+
+
 async def _abort(e: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
     _log_unexpected(e, method)
     code, message = status_of(e)
+    if trailer := pushback(e):
+        context.set_trailing_metadata(trailer)
     await context.abort(code, message)
 
 

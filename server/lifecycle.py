@@ -298,7 +298,7 @@ class ModelControl:
             ready = [e for e in self.registry.entries() if e.name == name and e.state == READY]
             self.metrics.serving(name, max((e.version for e in ready), default=0))
             batchers = [e.batcher for e in self.registry.entries() if e.name == name and e.batcher is not None]
-            self.metrics.queued.labels(name).set_function(lambda b=batchers: sum(x.queued_items for x in b))
+            self.metrics.watch(self.metrics.queued.labels(name), lambda b=batchers: sum(x.queued_items for x in b))
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) of every loaded version and of every model on disk not loaded."""

@@ -135,7 +135,8 @@ class MultimodalPipeline:
             if not wait:
                 raise QueueFullError(
                     f"pipeline is at capacity ({self.inflight_items} of {self.max_inflight_items} items in flight); "
-                    "retry later or on another replica"
+                    "retry later or on another replica",
+                    reason="pipeline_full",
                 )
             async with self._room:
                 await self._room.wait_for(lambda: self.inflight_items + n <= self.max_inflight_items)

@@ -4,6 +4,8 @@ The child logs to a pipe that a thread reads all the time (a full pipe would blo
 Its gRPC port comes from the "listening on ... (port N)" line, which the server logs once every
 model is loaded and warmed up and health says SERVING; its metrics port from the "metrics on" line.
 Ports are 0 (the kernel picks) unless given, so a replica can be restarted on the port it had.
+With ``--workers N`` the child is the supervisor; :attr:`ServerProcess.workers` holds the process ids
+of its serving workers, from its "worker K (pid P) serving" lines.
 
     with ServerProcess(repository, "--max-batch-size", "8") as server:
         client = FusionClient(server.target)
@@ -28,6 +30,7 @@ from prometheus_client.samples import Sample
 
 LISTENING = re.compile(r"listening on \S+ \(port (\d+)\)")
 METRICS = re.compile(r"metrics on http://[^:]+:(\d+)/metrics")
+WORKER_SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
 
 class ServerNotStarted(RuntimeError):
@@ -68,6 +71,7 @@ class ServerProcess:
         self.log: collections.deque[str] = collections.deque(maxlen=200)
         self.port: int | None = None
         self.metrics_url: str | None = None
+        self.workers: dict[int, int] = {}  # worker number → pid of its latest serving process
         self._start_timeout_s = start_timeout_s
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read_log, daemon=True)
@@ -79,6 +83,8 @@ class ServerProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
+            if m := WORKER_SERVING.search(line):
+                self.workers[int(m.group(1))] = int(m.group(2))
             if m := METRICS.search(line):
                 self.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"
             if self.port is None and (m := LISTENING.search(line)):
@@ -107,16 +113,17 @@ class ServerProcess:
             raise ServerNotStarted("the server has not said it is listening yet: call wait_started()")
         return f"127.0.0.1:{self.port}"
 
-    def rss_mb(self) -> float:
-        """Resident memory (VmRSS) of the process, in MiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+    def rss_mb(self, pid: int | None = None) -> float:
+        """Resident memory (VmRSS) of the process (or of its worker ``pid``), in MiB."""
+        pid = self.pid if pid is None else pid
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-        raise RuntimeError(f"no VmRSS for process {self.pid}")
+        raise RuntimeError(f"no VmRSS for process {pid}")
 
-    def cpu_seconds(self) -> float:
-        """CPU time the process has used so far (user + system, all threads), in seconds."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_seconds(self, pid: int | None = None) -> float:
+        """CPU time the process (or its worker ``pid``) has used so far (user + system, all threads), in seconds."""
+        fields = Path(f"/proc/{self.pid if pid is None else pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def metrics_text(self) -> str:

@@ -29,6 +29,11 @@ class ServerSettings:
     """Address the gRPC server binds to."""
     port: int = 8001
     """gRPC port (0 picks a free one)."""
+    workers: int | str = 1
+    """Serving processes sharing the port (``SO_REUSEPORT``), each with its own event loop, models
+    and batchers, under one supervisor that restarts them and sums their metrics. ``auto``: one per
+    usable core (CPU affinity and cgroup quota), 1 with CUDA or ``model_control_mode`` explicit.
+    1 is one plain process. See docs/DEPLOY.md#workers."""
     metrics_port: int = 8002
     """Prometheus metrics HTTP port (0 picks a free one, -1 disables)."""
     metrics_host: str = "0.0.0.0"
@@ -55,6 +60,10 @@ class ServerSettings:
     """How long a batch may wait for more items, once the model is busy. A lone caller never waits."""
     max_queue_size: int = 512
     """Items a model's queue holds before new work gets RESOURCE_EXHAUSTED (bounds queueing delay)."""
+    queue_delay_target_ms: float = 50.0
+    """Overload control: new work that could not start within about this long is refused at once
+    (RESOURCE_EXHAUSTED, with a ``grpc-retry-pushback-ms`` trailer telling the client when to come
+    back) instead of joining a standing queue. 0 turns it off. See docs/RELIABILITY.md#overload-control."""
     max_pipeline_items: int = 512
     """Items a pipeline admits at once, decoding included. Beyond it unary calls get RESOURCE_EXHAUSTED
     at once and streams stop reading until there is room (backpressure)."""
@@ -65,12 +74,14 @@ class ServerSettings:
     """Time in-flight calls get on a connection closed for its age."""
     max_concurrent_rpcs: int = 4096
     """RPCs the gRPC server runs at once; beyond it gRPC itself answers RESOURCE_EXHAUSTED."""
-    max_pending_rpcs: int = 1000
-    """Calls gRPC holds before the event loop takes them up. Calls that arrive faster than the loop
-    can take them wait there, unseen by the limits above; beyond this many, gRPC sheds new calls at
-    once (the caller sees CANCELLED; the client library retries it on another replica). 1000 is
-    gRPC's own soft limit, which it otherwise lets grow to 3000. About capacity × the queueing delay
-    you accept: 1000 calls at 600 calls/s are 1.7 s."""
+    max_pending_rpcs: int = 64
+    """Calls gRPC holds before the event loop takes them up (its accept queue). When calls arrive
+    faster than the loop takes them up, they wait there, before any limit of ours sees them; beyond
+    this many, gRPC sheds new calls at once, at no cost to the loop (the caller sees CANCELLED,
+    gRPC's choice; the client library retries it, throttled). They wait about this many ÷ the calls
+    the loop takes up per second (1,500-2,000 on 2 cores): 64 keeps that near the 50 ms
+    queue_delay_target_ms. gRPC's own default (1000, growing to 3000) let admitted calls wait
+    0.8-1.1 s at 2-4× capacity. See docs/RELIABILITY.md#overload-control."""
     intra_op_threads: int = 1
     """onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)."""
     inter_op_threads: int = 1
@@ -200,6 +211,14 @@ class ServerSettings:
             raise ValueError("cuda_conv_algo_search must be HEURISTIC, EXHAUSTIVE or DEFAULT")
         if self.cuda_arena_extend_strategy not in ("kSameAsRequested", "kNextPowerOfTwo"):
             raise ValueError("cuda_arena_extend_strategy must be kSameAsRequested or kNextPowerOfTwo")
+        if self.workers != "auto" and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                        or self.workers < 1):
+            raise ValueError(f"workers must be a whole number >= 1 or 'auto', not {self.workers!r}")
+        if self.model_control_mode == "explicit" and self.workers != 1 and self.workers != "auto":
+            raise ValueError(f"workers {self.workers} needs model_control_mode poll or none: "
+                             "explicit load/unload calls would reach one worker only")  # fmt: skip
+        if self.queue_delay_target_ms < 0:
+            raise ValueError("queue_delay_target_ms must be >= 0 (0 turns overload control off)")
         if self.embedding_cache_mb < 0:
             raise ValueError("embedding_cache_mb must be >= 0 (0 turns the cache off)")
         if self.cuda_mem_limit_mb < 0 or self.cuda_device_id < 0:
@@ -229,6 +248,8 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
             raise ValueError(f"setting {f.name}: expected true/false, got {value!r}")
         if kind == "int":
             return int(value)
+        if kind == "int | str":  # a count or a word (workers: 4 or auto)
+            return int(value) if value.strip().isdigit() else value.strip()
         if kind == "float":
             return float(value)
         if kind in ("Path", "Path | None"):

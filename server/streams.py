@@ -20,16 +20,19 @@ class Streams:
     requests at a time and reads no further until one is done (backpressure).
     """
 
-    def __init__(self, max_open: int, max_inflight: int) -> None:
+    def __init__(self, max_open: int, max_inflight: int, on_refusal: Callable[[str], None] | None = None) -> None:
         self.max_open = max_open
         self.max_inflight = max_inflight
         self.open = 0
+        self._on_refusal = on_refusal  # told the reason of each stream refused
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one stream slot while the stream runs."""
         if self.open >= self.max_open:
-            raise QueueFullError(f"too many open streams (limit {self.max_open}); retry later")
+            if self._on_refusal is not None:
+                self._on_refusal("streams")
+            raise QueueFullError(f"too many open streams (limit {self.max_open}); retry later", reason="streams")
         self.open += 1
         try:
             yield

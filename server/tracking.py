@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from fusionserve.errors import QueueFullError
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.metrics import Metrics
 
@@ -25,6 +26,8 @@ def track(metrics: Metrics, model: str, api: str) -> Iterator[None]:
         yield
     except BaseException as e:
         code = grpc.StatusCode.CANCELLED if isinstance(e, (GeneratorExit, asyncio.CancelledError)) else status_of(e)[0]
+        if isinstance(e, QueueFullError):
+            metrics.shed.labels(e.reason).inc()
         raise
     finally:
         gauge.dec()

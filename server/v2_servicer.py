@@ -129,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.version:
                 raise InvalidInputError("ModelStatistics: a version needs a model name")
             entries = [self.core.registry.find(name) for name in sorted({e.name for e in self.core.registry.entries()})]
-        totals = self.core.metrics.totals
+        totals = self.core.metrics.all_totals()  # a worker's: the sum over every worker
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(e, totals.get(e.name)) for e in entries])
 
     async def RepositoryIndex(

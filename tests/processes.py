@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import random
 import socket
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fusionserve.server.process import ServerProcess
 
-__all__ = ["OK_STREAM", "OK_TYPED", "ServerProcess", "free_ports", "start_all", "wait_until", "write_config"]
+__all__ = ["OK_STREAM", "OK_TYPED", "ServerProcess", "classify_lanes", "free_ports", "start_all", "wait_until",
+           "write_config"]
 
 OK_TYPED = 'fusionserve_requests_total{api="typed",code="OK",model="multimodal"}'
 OK_STREAM = 'fusionserve_requests_total{api="typed_stream",code="OK",model="multimodal"}'
@@ -82,3 +85,27 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bo
         if value or time.monotonic() >= deadline:
             return bool(value)
         time.sleep(interval_s)
+
+
+def classify_lanes(client: Any, samples: Sequence[tuple[bytes, str]], lanes: int, stop: threading.Event,
+                   answered: list[float], failures: list[BaseException]) -> list[threading.Thread]:  # fmt: skip
+    """Start ``lanes`` closed-loop callers of ``client.classify`` until ``stop`` is set.
+
+    Each answer's time goes into ``answered``; a lane's first failure (a wrong answer included) goes
+    into ``failures`` and ends that lane.
+    """
+
+    def lane(n: int) -> None:
+        while not stop.is_set():
+            try:
+                assert client.classify(*samples[n % len(samples)]).label in ("match", "mismatch")
+                answered.append(time.monotonic())
+            except BaseException as e:  # noqa: BLE001 - every failure is a test failure
+                failures.append(e)
+                return
+            n += lanes
+
+    threads = [threading.Thread(target=lane, args=(n,)) for n in range(lanes)]
+    for thread in threads:
+        thread.start()
+    return threads

@@ -19,7 +19,7 @@ from fusionserve.client import FusionClient
 from fusionserve.client.loadgen import LoadSettings, run_load
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
-from tests.processes import OK_STREAM, ServerProcess, start_all, wait_until, write_config
+from tests.processes import OK_STREAM, ServerProcess, classify_lanes, start_all, wait_until, write_config
 
 CLASSIFY = "/fusionserve.v1.FusionService/Classify"
 OVERLOAD_FACTOR = 4.0
@@ -247,20 +247,7 @@ def test_kill_9_of_one_of_two_replicas_loses_no_call_and_no_stream_item(reposito
     try:
         with FusionClient([r.target for r in replicas], timeout_s=20) as client:
 
-            def unary(lane: int) -> None:
-                n = lane
-                while not stop.is_set():
-                    try:
-                        assert client.classify(*samples[n % 64]).label in ("match", "mismatch")
-                        answered.append(time.monotonic())
-                    except BaseException as e:  # noqa: BLE001 - every failure is a test failure
-                        failures.append(e)
-                        return
-                    n += 3
-
-            threads = [threading.Thread(target=unary, args=(lane,)) for lane in range(3)]
-            for t in threads:
-                t.start()
+            threads = classify_lanes(client, samples[:64], 3, stop, answered, failures)
             items = (samples[i % 64] for i in range(stream_items))
             for result in client.classify_stream(items, window=8):
                 assert result.ok, result.error

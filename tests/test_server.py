@@ -310,7 +310,7 @@ def test_full_queue_answers_resource_exhausted(repository, samples, limit):
 
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             codes = list(pool.map(call, range(96)))
-        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
 
 

@@ -1,0 +1,239 @@
+"""Overload control: the door's rule, a saturated server's answers, and the client's back-off."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fusionserve.client import FusionClient
+from fusionserve.server.admission import (
+    INTERVAL_S,
+    MAX_PUSHBACK_S,
+    RECENT_S,
+    SAMPLE_S,
+    Admission,
+    OverloadedError,
+)
+from fusionserve.v1 import fusion_pb2 as pb
+from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
+from tests.serving import RunningServer, ServicerServer
+
+SLOW = 2000
+"""Side of the images that make a standing queue: one takes tens of ms to decode, two threads decode."""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused(door: Admission, clock: Clock) -> OverloadedError:
+    """Offer a call to ``door`` now and after INTERVAL_S: the second is refused (else fail)."""
+    with door.admit(1):  # the wait goes over the target: a burst may still drain
+        pass
+    clock.now += INTERVAL_S
+    with pytest.raises(OverloadedError) as info:
+        with door.admit(1):
+            pass
+    return info.value
+
+
+def measured(target_s: float, items_per_s: float) -> tuple[Admission, Clock]:
+    """A door that has measured ``items_per_s`` over one busy sample."""
+    clock = Clock()
+    door = Admission(target_s, clock=clock)
+    with door.admit(int(items_per_s * SAMPLE_S)):
+        clock.now += SAMPLE_S
+    assert door.capacity == pytest.approx(items_per_s)
+    return door, clock
+
+
+def test_the_door_refuses_once_the_wait_inside_reaches_the_target():
+    door, clock = measured(target_s=0.05, items_per_s=1000)  # 50 items ahead = 50 ms
+    assert door.limit == pytest.approx(50)
+    with door.admit(49):
+        with door.admit(64):  # 49 items ahead: 49 ms; its own size does not count against it
+            clock.now += 1.0
+            with door.admit(1):  # 113 ms from now on, but a burst may drain within INTERVAL_S
+                pass
+            clock.now += INTERVAL_S / 2
+            with door.admit(1):
+                pass
+            error = refused(door, clock)
+            wait = f"wait about {door.estimated_wait_s() * 1000:.0f} ms to start, over the 50 ms target"
+    assert "server overloaded" in str(error) and wait in str(error) and error.reason == "queue_delay"
+    assert 0 < error.retry_after_s <= MAX_PUSHBACK_S
+    assert door.inflight == 0  # released, refused work never held
+    with door.admit(1):  # under the target again: admitted
+        pass
+    with door.admit(200):  # over it again soon after the last refusal: refused at once, no interval
+        with pytest.raises(OverloadedError):
+            with door.admit(1):
+                pass
+    clock.now += 2 * RECENT_S
+    with door.admit(200), door.admit(1):  # long after: a burst gets its interval again
+        pass
+
+
+def test_an_idle_door_admits_anything_and_idle_time_does_not_lower_the_capacity():
+    door, clock = measured(target_s=0.01, items_per_s=1000)
+    clock.now += 60  # a minute idle
+    with door.admit(500):  # over the limit of 10, but nothing else is in flight
+        clock.now += 0.5
+    assert door.capacity == pytest.approx(1000)  # 500 items in 0.5 s busy
+
+
+def test_a_zero_target_admits_everything():
+    door, _ = measured(target_s=0.0, items_per_s=1000)
+    with door.admit(10_000), door.admit(10_000):
+        pass
+
+
+def _flood(target: str, n: int, side: int = SLOW) -> list[tuple[str, float, tuple]]:
+    """``n`` one-item calls, 32 at a time, without retries: (code, seconds, trailing metadata) of each."""
+    from tests.test_server import request
+
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    stub = pb_grpc.FusionServiceStub(channel)
+    png = _png(side)
+
+    def call(_: int) -> tuple[str, float, tuple]:
+        started = time.perf_counter()
+        try:
+            stub.Classify(request([(png, "a red square")]))
+            return "OK", time.perf_counter() - started, ()
+        except grpc.RpcError as e:
+            return e.code().name, time.perf_counter() - started, tuple(e.trailing_metadata() or ())
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        return list(pool.map(call, range(n)))
+
+
+def _png(side: int = 32) -> bytes:
+    import numpy as np
+
+    from fusionserve.preprocess import encode_png
+
+    return encode_png(np.full((side, side, 3), 200, np.uint8))
+
+
+
+def test_a_saturated_server_refuses_with_pushback_and_stays_healthy(repository):
+    # Batches of one item, and images that take tens of ms each to decode: 32 callers make a queue
+    # of about half a second, ten times the default target (the cache off: every call decodes).
+    with RunningServer(repository, max_batch_size=1, embedding_cache_mb=0) as srv:
+        _flood(srv.target, 32)  # the door measures the capacity
+        shed_before = _shed(srv)
+        health = health_pb2_grpc.HealthStub(srv.channel())
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            statuses = pool.submit(lambda: [health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                                            for _ in range(20)])  # fmt: skip
+            results = _flood(srv.target, 320)
+        assert set(statuses.result()) == {health_pb2.HealthCheckResponse.SERVING}
+        codes = [code for code, _, _ in results]
+        assert codes.count("OK") > 0 and codes.count("RESOURCE_EXHAUSTED") > 0, codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+        for code, _, trailer in results:
+            if code == "RESOURCE_EXHAUSTED":
+                pushback = dict(trailer)["grpc-retry-pushback-ms"]
+                assert 1 <= int(pushback) <= MAX_PUSHBACK_S * 1000
+        assert _shed(srv) - shed_before == codes.count("RESOURCE_EXHAUSTED")
+
+
+def _shed(srv: RunningServer) -> float:
+    value = srv.server.metrics.registry.get_sample_value("fusionserve_shed_requests_total", {"reason": "queue_delay"})
+    return value or 0.0
+
+
+def test_a_stream_under_overload_gets_in_band_refusals_and_lives_on(repository):
+    # Batches of one item, slow images, 64 requests of one stream in flight: a standing queue.
+    with RunningServer(repository, max_batch_size=1, max_stream_inflight=64, embedding_cache_mb=0) as srv:
+        _flood(srv.target, 32)
+        stub = pb_grpc.FusionServiceStub(srv.channel())
+        item = pb.Item(image=_png(SLOW), text="a red square")
+        requests = [pb.ClassifyRequest(request_id=str(i), items=[item]) for i in range(400)]
+        answers = list(stub.ClassifyStream(iter(requests), timeout=60))
+        assert sorted(a.request_id for a in answers) == sorted(r.request_id for r in requests)
+        refused = [a for a in answers if a.error.code == "RESOURCE_EXHAUSTED"]
+        served = [a for a in answers if not a.error.code]
+        assert refused and served, [a.error.code for a in answers][:20]
+        assert all("server overloaded" in a.error.message for a in refused)
+        # The stream lived on: answers after the first refusal were served too.
+        first = answers.index(refused[0])
+        assert any(not a.error.code for a in answers[first + 1 :])
+
+
+class Refusing(pb_grpc.FusionServiceServicer):
+    """Refuses the first ``refusals`` calls with a pushback, then answers; records when calls came."""
+
+    def __init__(self, refusals: int, pushback_ms: int) -> None:
+        self.refusals, self.pushback_ms = refusals, pushback_ms
+        self.arrivals: list[float] = []
+
+    async def Classify(self, request, context):
+        self.arrivals.append(time.monotonic())
+        if len(self.arrivals) <= self.refusals:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.pushback_ms)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded")
+        return pb.ClassifyResponse(results=[pb.Result(label="match", label_index=1, probabilities=[0.2, 0.8])],
+                                   labels=["mismatch", "match"])  # fmt: skip
+
+
+@pytest.mark.parametrize("refusals, answered", [(2, True), (10, False)])
+def test_the_client_waits_for_the_pushback_and_retries_at_most_four_times(refusals, answered):
+    servicer = Refusing(refusals, pushback_ms=200)
+    server = ServicerServer(servicer)
+    try:
+        with FusionClient(server.target, timeout_s=10, health_check=False) as client:
+            if answered:
+                assert client.classify(_png(), "a red square").label == "match"
+            else:
+                with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+                    client.classify(_png(), "a red square")
+    finally:
+        server.stop()
+    gaps = [b - a for a, b in zip(servicer.arrivals, servicer.arrivals[1:], strict=False)]
+    assert len(servicer.arrivals) == (refusals + 1 if answered else 5)  # gRPC's cap: 5 attempts
+    assert all(gap >= 0.18 for gap in gaps), gaps  # waited for the server's 200 ms, not its own 0.1 s backoff
+
+
+def test_a_request_over_the_message_limit_fails_at_once_in_the_client():
+    servicer = Refusing(0, pushback_ms=0)
+    server = ServicerServer(servicer)
+    try:
+        with FusionClient(server.target, timeout_s=10, health_check=False,
+                          max_message_bytes=10_000) as client:  # fmt: skip
+            started = time.monotonic()
+            with pytest.raises(Exception, match="INVALID_ARGUMENT.*over the 10000 byte message limit"):
+                client.classify(_png(), "x" * 20_000)
+            assert time.monotonic() - started < 0.5  # not retried as a RESOURCE_EXHAUSTED would be
+    finally:
+        server.stop()
+    assert servicer.arrivals == []
+
+
+def test_calls_grpc_sheds_from_its_accept_queue_are_counted(repository):
+    # The event loop stands still while 40 calls arrive: gRPC holds 8 and sheds the rest (CANCELLED)
+    # before any code of ours sees them; its own count of calls received still has them all.
+    with RunningServer(repository, max_pending_rpcs=8) as srv:
+        def received() -> float:
+            value = srv.server.metrics.registry.get_sample_value("fusionserve_grpc_calls_received")
+            assert value is not None, "the server did not find its channelz id"
+            return value
+
+        before = received()
+        blocked = threading.Event()
+        srv.loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(1.5)))
+        blocked.wait()
+        results = _flood(srv.target, 40, 32)
+        codes = [code for code, _, _ in results]
+        assert codes.count("CANCELLED") >= 30 and set(codes) <= {"OK", "CANCELLED"}, codes
+        assert received() - before == 40
