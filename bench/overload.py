@@ -1,0 +1,250 @@
+"""Overload: open-loop load at multiples of the measured capacity; goodput, admitted and shed latency, codes.
+
+1. Start ``fusionserve serve`` with its defaults, except ``--embedding-cache-mb 0``: every item is
+   decoded and encoded, as new inputs would be (the load generator cycles over a few hundred).
+2. Capacity, per API: closed loop, one-item unary calls, 32 callers.
+3. For each API (typed unary ``Classify``, V2 ``ModelInfer``) and each multiple of the capacity
+   (default 0.5, 1, 1.5, 2, 4, 10): open loop for ``--duration-s``, then a pause for the queues to
+   empty. Reports goodput (OK answers per second) and its share of the capacity, admitted p50/p99
+   (OK answers, from the intended send time), the p99 of refused calls, the status codes, the
+   client's send lag (above a few ms the load generator, which shares the cores, is the limit),
+   the server's shed counts by reason, its resident memory, and the health check's latency, probed
+   every 50 ms from another process while the load runs.
+4. Through the client library with its retry policy on (``AsyncFusionClient``, open loop at 4×):
+   the calls offered, the attempts gRPC received (those it shed included: gRPC core's own count), and
+   how the calls ended: retries wait for the server's pushback, or back off, and stop under the
+   retry throttling, so attempts stay near 1× the offered calls.
+
+    python bench/overload.py [--multiples 0.5,1,1.5,2,4,10] [--duration-s 5] [--apis typed,v2]
+                             [--repository REPO] [--image-side 64] [--server-arg=--workers=2 ...] [--smoke]
+
+``--image-side 600`` makes decoding (in threads, off the event loop) the limit instead of the loop:
+that is where overload control's own refusals (RESOURCE_EXHAUSTED) come in. Writes
+``bench/results/overload[-smoke].json`` and a plot beside it (docs/img/overload*.png are copies of
+full runs'). The server and the load generator share the machine's cores: at high multiples the
+load generator takes CPU the server needs, and past what it can send, its send lag says so
+(docs/RELIABILITY.md#overload-control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from _common import ServerProcess, machine, pyplot, repository, result_name, samples, save_figure, write
+
+from fusionserve.client import AsyncFusionClient, FusionClientError
+from fusionserve.client.loadgen import LoadSettings, run
+
+SHED = "fusionserve_shed_requests_total"
+REASONS = ("queue_delay", "pipeline_full", "queue_full", "streams")
+HEALTH_PROBE = """
+import sys, time, grpc, json
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+stub = health_pb2_grpc.HealthStub(channel)
+stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+end = time.monotonic() + float(sys.argv[2])
+out = []
+while time.monotonic() < end:
+    t = time.perf_counter()
+    try:
+        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError as e:
+        status = e.code().name
+    out.append([(time.perf_counter() - t) * 1000, str(status)])
+    time.sleep(0.05)
+print(json.dumps(out))
+"""
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pct(values: np.ndarray, p: float) -> float:
+    return float(np.percentile(values, p)) if len(values) else float("nan")
+
+
+def _shed(server: ServerProcess) -> dict[str, float]:
+    return {r: server.metric(f'{SHED}{{reason="{r}"}}') for r in REASONS}
+
+
+def _received(server: ServerProcess) -> float:
+    """Calls gRPC received, those it shed included."""
+    return server.metric("fusionserve_grpc_calls_received")
+
+
+def _pids(server: ServerProcess) -> list[int]:
+    """The server's processes: one, or the supervisor and its workers."""
+    return [server.pid, *server.workers.values()]
+
+
+def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, rate: float, duration_s: float,
+              probe: bool) -> dict[str, Any]:  # fmt: skip
+    """One open-loop run at ``rate``; its figures."""
+    prober = None
+    if probe:
+        prober = subprocess.Popen([sys.executable, "-c", HEALTH_PROBE, server.target, str(duration_s)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+    shed_before = _shed(server)
+    server_cpu, client_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), _own_cpu_s(), time.monotonic()
+    s = LoadSettings(target=[server.target], api=api, rate=rate, duration_s=duration_s, warmup_s=0.5,
+                     timeout_s=10.0, connections=4, progress=False)  # fmt: skip
+    report = run(s, items)
+    wall = time.monotonic() - wall
+    server_cores = (sum(map(server.cpu_seconds, _pids(server))) - server_cpu) / wall
+    client_cores = (_own_cpu_s() - client_cpu) / wall
+    r = report.results
+    latency_ms = report.samples["latency_s"] * 1000
+    ok = report.samples["ok"]
+    row: dict[str, Any] = {
+        "api": api,
+        "offered_per_s": rate,
+        "goodput_per_s": r["requests_per_s"],
+        "admitted_p50_ms": _pct(latency_ms[ok], 50),
+        "admitted_p99_ms": _pct(latency_ms[ok], 99),
+        "service_p99_ms": r.get("service_latency_ms", {}).get("p99", float("nan")),
+        "refused_p99_ms": _pct(latency_ms[~ok], 99),
+        "codes": {"OK": int(ok.sum()), **r["errors"]},
+        "send_lag_p99_ms": r.get("send_lag_ms", {}).get("p99", float("nan")),
+        "shed": {k: v - shed_before[k] for k, v in _shed(server).items() if v - shed_before[k]},
+        "rss_mb": sum(map(server.rss_mb, _pids(server))),
+        "server_cores": server_cores,
+        "client_cores": client_cores,
+    }
+    if prober is not None:
+        out, _ = prober.communicate(timeout=duration_s + 60)
+        probes = json.loads(out or "[]")
+        times = np.array([p[0] for p in probes])
+        row["health_p99_ms"] = _pct(times, 99)
+        row["health_max_ms"] = float(times.max()) if len(times) else float("nan")
+        row["health_not_serving"] = sum(1 for p in probes if p[1] != "1")
+    return row
+
+
+async def _with_retries(target: str, items: list[tuple[bytes, str]], rate: float, duration_s: float) -> dict[str, Any]:
+    """Open loop through AsyncFusionClient (its retry policy on): how the calls ended."""
+    ends: dict[str, int] = {}
+    latencies: list[float] = []
+    async with AsyncFusionClient(target, timeout_s=10.0) as client:
+        await client.classify(*items[0])
+        tasks = []
+
+        async def one(k: int, intended: float) -> None:
+            try:
+                await client.classify(*items[k % len(items)])
+                end = "OK"
+                latencies.append(time.perf_counter() - intended)
+            except FusionClientError as e:
+                end = e.code.name
+            ends[end] = ends.get(end, 0) + 1
+
+        start = time.perf_counter()
+        n = int(rate * duration_s)
+        for k in range(n):
+            intended = start + k / rate
+            if (delay := intended - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(k, intended)))
+        await asyncio.gather(*tasks)
+    lat = np.array(latencies) * 1000
+    return {"offered_calls": n, "ends": ends, "ok_p50_ms": _pct(lat, 50), "ok_p99_ms": _pct(lat, 99)}
+
+
+def with_retries(server: ServerProcess, items: list[tuple[bytes, str]], rate: float, duration_s: float) -> dict:
+    """The client library at ``rate``: calls offered, attempts the server saw, how the calls ended."""
+    before = _received(server)
+    row = asyncio.run(_with_retries(server.target, items, rate, duration_s))
+    time.sleep(1.0)
+    # Every attempt reached gRPC (those it shed included); less the first, unmeasured call and the
+    # client's health watch.
+    row["server_attempts"] = _received(server) - before - 2
+    row["attempts_per_call"] = row["server_attempts"] / row["offered_calls"]
+    row["offered_per_s"] = rate
+    return row
+
+
+def plot(rows: list[dict[str, Any]], capacities: dict[str, float], name: str) -> None:
+    """Goodput and admitted p99 against the offered load, one line per API."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for api in sorted({r["api"] for r in rows}):
+        mine = [r for r in rows if r["api"] == api]
+        x = [r["multiple"] for r in mine]
+        left.plot(x, [r["goodput_share"] for r in mine], marker="o", label=api)
+        right.plot(x, [r["admitted_p99_ms"] for r in mine], marker="o", label=api)
+    left.set(xlabel="offered load (× capacity)", ylabel="goodput (× capacity)", xscale="log", ylim=(0, 1.3))
+    right.set(xlabel="offered load (× capacity)", ylabel="admitted p99 (ms)", xscale="log", yscale="log")
+    left.axhline(0.9, color="grey", linestyle=":")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("overload: " + ", ".join(f"{api} capacity {c:.0f} req/s" for api, c in capacities.items()))
+    fig.tight_layout()
+    save_figure(fig, name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--multiples", default="0.5,1,1.5,2,4,10", help="offered loads, as multiples of the capacity")
+    p.add_argument("--duration-s", type=float, default=5.0, help="seconds per load")
+    p.add_argument("--apis", default="typed,v2", help="typed and/or v2")
+    p.add_argument("--repository", help="model repository (default: the bench's small one)")
+    p.add_argument("--image-side", type=int, default=64,
+                   help="side of the generated images, in pixels (larger: decoding, off the event loop, limits)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra 'fusionserve serve' argument")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run for CI (1× and 4×, typed only)")
+    args = p.parse_args()
+    multiples = [1.0, 4.0] if args.smoke else [float(m) for m in args.multiples.split(",")]
+    apis = ["typed"] if args.smoke else args.apis.split(",")
+    duration_s = 1.0 if args.smoke else args.duration_s
+    repo = repository(args.repository, smoke=args.smoke)
+    items = samples(256 if args.image_side <= 128 else 32, size=args.image_side)
+    server_args = ["--embedding-cache-mb", "0", *args.server_arg]
+    rows: list[dict[str, Any]] = []
+    with ServerProcess(repo, *server_args, metrics_port=0) as server:
+        capacities = {}
+        for api in apis:
+            capacity_s = LoadSettings(target=[server.target], api=api, concurrency=32, warmup_s=0.5, connections=4,
+                                      duration_s=1.0 if args.smoke else 5.0, progress=False)  # fmt: skip
+            capacities[api] = run(capacity_s, items).results["requests_per_s"]
+            print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item)")
+        print(f"{'api':6} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'adm p50':>8} {'adm p99':>8} "
+              f"{'shed p99':>8} {'lag p99':>8} {'health p99':>10} {'RSS MB':>7} {'cores s/c':>9}  codes")  # fmt: skip
+        for api in apis:
+            capacity = capacities[api]
+            for m in multiples:
+                row = open_loop(server, items, api, m * capacity, duration_s, probe=True)
+                row["multiple"] = m
+                row["goodput_share"] = row["goodput_per_s"] / capacity
+                rows.append(row)
+                print(f"{api:6} {row['offered_per_s']:8.0f} {m:5.1f} {row['goodput_per_s']:8.0f} "
+                      f"{row['goodput_share']:6.2f} {row['admitted_p50_ms']:8.1f} {row['admitted_p99_ms']:8.1f} "
+                      f"{row['refused_p99_ms']:8.1f} {row['send_lag_p99_ms']:8.1f} {row['health_p99_ms']:10.1f} "
+                      f"{row['rss_mb']:7.0f} {row['server_cores']:4.2f}/{row['client_cores']:4.2f}  {row['codes']} "
+                      f"shed={row['shed']}", flush=True)  # fmt: skip
+                time.sleep(1.0)  # let queues empty between loads
+        retry = with_retries(server, items, (4.0 if not args.smoke else 2.0) * capacities[apis[0]], duration_s)
+        print(f"client library, retries on, {retry['offered_per_s']:.0f} calls/s: {retry['offered_calls']} calls, "
+              f"{retry['server_attempts']:.0f} attempts at the server ({retry['attempts_per_call']:.2f} per call); "
+              f"ends {retry['ends']}; OK p50/p99 {retry['ok_p50_ms']:.1f}/{retry['ok_p99_ms']:.1f} ms")  # fmt: skip
+    name = result_name("overload", smoke=args.smoke, tags=[f"side{args.image_side}"] if args.image_side != 64 else [])
+    write(name, {"machine": machine(), "server_args": server_args, "capacity_per_s": capacities, "rows": rows,
+                 "client_library": retry})  # fmt: skip
+    plot(rows, capacities, name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
