@@ -45,21 +45,30 @@ from fusionserve.client.loadgen import LoadSettings, run
 
 SHED = "fusionserve_shed_requests_total"
 REASONS = ("queue_delay", "pipeline_full", "queue_full", "streams")
-HEALTH_PROBE = """
-import sys, time, grpc, json
+PROBE = """
+import json, sys, time, urllib.request
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-channel = grpc.insecure_channel(sys.argv[1])
-stub = health_pb2_grpc.HealthStub(channel)
-stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-end = time.monotonic() + float(sys.argv[2])
-out = []
+from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
+target, seconds, metrics_url = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+channel = grpc.insecure_channel(target)
+health, models = health_pb2_grpc.HealthStub(channel), fusion_pb2_grpc.FusionServiceStub(channel)
+health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+probes = {
+    "health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1,
+    "list_models": lambda: bool(models.ListModels(fusion_pb2.ListModelsRequest(), timeout=5).models),
+    "metrics": lambda: b"fusionserve_requests_total" in urllib.request.urlopen(metrics_url, timeout=5).read(),
+}
+out = {name: [] for name in probes}
+end = time.monotonic() + seconds
 while time.monotonic() < end:
-    t = time.perf_counter()
-    try:
-        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-    except grpc.RpcError as e:
-        status = e.code().name
-    out.append([(time.perf_counter() - t) * 1000, str(status)])
+    for name, probe in probes.items():
+        t = time.perf_counter()
+        try:
+            ok = probe()
+        except Exception:
+            ok = False
+        out[name].append([(time.perf_counter() - t) * 1000, ok])
     time.sleep(0.05)
 print(json.dumps(out))
 """
@@ -93,8 +102,8 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
     """One open-loop run at ``rate``; its figures."""
     prober = None
     if probe:
-        prober = subprocess.Popen([sys.executable, "-c", HEALTH_PROBE, server.target, str(duration_s)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        command = [sys.executable, "-c", PROBE, server.target, str(duration_s), str(server.metrics_url)]
+        prober = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     shed_before = _shed(server)
     server_cpu, client_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), _own_cpu_s(), time.monotonic()
     s = LoadSettings(target=[server.target], api=api, rate=rate, duration_s=duration_s, warmup_s=0.5,
@@ -123,11 +132,11 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
     }
     if prober is not None:
         out, _ = prober.communicate(timeout=duration_s + 60)
-        probes = json.loads(out or "[]")
-        times = np.array([p[0] for p in probes])
-        row["health_p99_ms"] = _pct(times, 99)
-        row["health_max_ms"] = float(times.max()) if len(times) else float("nan")
-        row["health_not_serving"] = sum(1 for p in probes if p[1] != "1")
+        for name, probes in json.loads(out or "{}").items():  # health, list_models, metrics
+            times = np.array([p[0] for p in probes])
+            row[f"{name}_p99_ms"] = _pct(times, 99)
+            row[f"{name}_max_ms"] = float(times.max()) if len(times) else float("nan")
+            row[f"{name}_failed"] = sum(1 for p in probes if not p[1])
     return row
 
 
@@ -221,7 +230,8 @@ def main() -> int:
             capacities[api] = run(capacity_s, items).results["requests_per_s"]
             print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item)")
         print(f"{'api':6} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'adm p50':>8} {'adm p99':>8} "
-              f"{'shed p99':>8} {'lag p99':>8} {'health p99':>10} {'RSS MB':>7} {'cores s/c':>9}  codes")  # fmt: skip
+              f"{'shed p99':>8} {'lag p99':>8} {'health/list/metrics p99':>23} {'RSS MB':>7} {'cores s/c':>9}  "
+              "codes")  # fmt: skip
         for api in apis:
             capacity = capacities[api]
             for m in multiples:
@@ -231,7 +241,9 @@ def main() -> int:
                 rows.append(row)
                 print(f"{api:6} {row['offered_per_s']:8.0f} {m:5.1f} {row['goodput_per_s']:8.0f} "
                       f"{row['goodput_share']:6.2f} {row['admitted_p50_ms']:8.1f} {row['admitted_p99_ms']:8.1f} "
-                      f"{row['refused_p99_ms']:8.1f} {row['send_lag_p99_ms']:8.1f} {row['health_p99_ms']:10.1f} "
+                      f"{row['refused_p99_ms']:8.1f} {row['send_lag_p99_ms']:8.1f} "
+                      f"{row['health_p99_ms']:7.1f}/{row['list_models_p99_ms']:6.1f}/"
+                      f"{row['metrics_p99_ms']:6.1f}     "
                       f"{row['rss_mb']:7.0f} {row['server_cores']:4.2f}/{row['client_cores']:4.2f}  {row['codes']} "
                       f"shed={row['shed']}", flush=True)  # fmt: skip
                 time.sleep(1.0)  # let queues empty between loads
