@@ -253,7 +253,7 @@ class Supervisor:
         """A dead worker's files: its live gauges go; its counts stay in the sums, under a name no new pid takes."""
         from prometheus_client.multiprocess import mark_process_dead
 
-        from fusionserve.server.metrics import TOTALS_FOLDER
+        from fusionserve.server.model_totals import TOTALS_FOLDER
 
         mark_process_dead(pid, str(self._metrics_folder))
         totals = self._metrics_folder / TOTALS_FOLDER / f"totals_{pid}.db"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusionserve.errors import ModelNotReadyError
-from fusionserve.server.metrics import ModelTotals
+from fusionserve.server.model_totals import ModelTotals
 from fusionserve.server.registry import ModelEntry
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2 import model_config_pb2 as mc
