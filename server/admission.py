@@ -27,6 +27,7 @@ docs/RELIABILITY.md#overload-control has the figures. One door per server proces
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -75,7 +76,7 @@ class Admission:
         self._busy_s = 0.0  # busy time in the current sample, up to _busy_since
         self._done = 0  # items completed in the current sample
         self._over_since: float | None = None  # since when the estimated wait has been over the target
-        self._refused_at = -RECENT_S  # when the door last refused a call
+        self._refused_at = -math.inf  # when the door last refused a call
 
     def estimated_wait_s(self) -> float:
         """How long a call arriving now would wait before its work starts."""

@@ -30,9 +30,10 @@ class Streams:
     def slot(self) -> Iterator[None]:
         """Hold one stream slot while the stream runs."""
         if self.open >= self.max_open:
+            refusal = QueueFullError(f"too many open streams (limit {self.max_open}); retry later", reason="streams")
             if self._on_refusal is not None:
-                self._on_refusal("streams")
-            raise QueueFullError(f"too many open streams (limit {self.max_open}); retry later", reason="streams")
+                self._on_refusal(refusal.reason)
+            raise refusal
         self.open += 1
         try:
             yield

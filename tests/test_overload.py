@@ -99,8 +99,6 @@ def test_a_zero_target_admits_everything():
 
 def _flood(target: str, n: int, side: int = SLOW) -> list[tuple[str, float, tuple]]:
     """``n`` one-item calls, 32 at a time, without retries: (code, seconds, trailing metadata) of each."""
-    from tests.test_server import request
-
     channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
     stub = pb_grpc.FusionServiceStub(channel)
     png = _png(side)
@@ -108,7 +106,7 @@ def _flood(target: str, n: int, side: int = SLOW) -> list[tuple[str, float, tupl
     def call(_: int) -> tuple[str, float, tuple]:
         started = time.perf_counter()
         try:
-            stub.Classify(request([(png, "a red square")]))
+            stub.Classify(pb.ClassifyRequest(items=[pb.Item(image=png, text="a red square")]))
             return "OK", time.perf_counter() - started, ()
         except grpc.RpcError as e:
             return e.code().name, time.perf_counter() - started, tuple(e.trailing_metadata() or ())
