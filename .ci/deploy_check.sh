@@ -8,7 +8,8 @@
 #   3. the KServe InferenceService (its CRD has no bundled schema): parsed, its
 #      apiVersion/kind/metadata/spec checked, its predictor's pod fields validated against the
 #      Kubernetes PodSpec schema and its remaining fields against KServe's known extension fields;
-#   4. cross-resource consistency: selectors, probes, drain timing, security settings.
+#   4. cross-resource consistency: selectors, probes, drain timing, security settings, and the
+#      FUSIONSERVE_* variables (each a known server setting, their values accepted by the server).
 #
 # Installs its tools into the current Python environment (activate a venv first).
 # Usage: bash .ci/deploy_check.sh            (DEPLOY_DIR=path/to/deploy to check another copy)
@@ -85,6 +86,8 @@ from pathlib import Path
 
 import yaml
 from kubernetes_validate import utils as kv
+
+from fusionserve.server.settings import ENV_PREFIX, ServerSettings
 
 root, deploy = Path(sys.argv[1]), Path(sys.argv[2])
 rendered = [line.split("\t") for line in Path(sys.argv[3]).read_text().splitlines() if line]
@@ -261,6 +264,17 @@ def check_server_pod(pod, where, config):
     check(sleep_s is not None and term_s > sleep_s + grace_s,
           f"{where}: terminationGracePeriodSeconds {term_s} > preStop {sleep_s} s + drain grace {grace_s:g} s")
     check(env.get("FUSIONSERVE_PORT", "8001") == "8001", f"{where}: FUSIONSERVE_PORT matches the probes (8001)")
+    # The server ignores unknown FUSIONSERVE_* variables (service links), so a misspelt one would
+    # silently change nothing: every one here must name a setting, and the server must accept them.
+    ours = {k: str(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    unknown = sorted(k for k in ours if k[len(ENV_PREFIX):].lower() not in ServerSettings.field_names())
+    check(not unknown, f"{where}: every {ENV_PREFIX}* variable names a server setting {unknown or ''}")
+    try:
+        ServerSettings.load(env=ours)
+        refused = ""
+    except ValueError as e:
+        refused = f": {e}"
+    check(not refused, f"{where}: the server accepts the settings its environment gives{refused}")
     check(pod.get("enableServiceLinks") is False,
           f"{where}: enableServiceLinks false (no injected FUSIONSERVE_PORT=tcp://...)")
     psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
