@@ -16,6 +16,9 @@ and the kernel spreads *connections* over them, not calls: one client channel re
   new calls, in-flight calls finish); the supervisor exits 0 once they all have.
 - Metrics: workers write prometheus_client's multiprocess files; the supervisor's one endpoint
   serves their sum, with the names and labels of one process (server/metrics.py).
+- Files: settings and metric files live in a temporary folder named after the supervisor's pid,
+  removed when it exits. A supervisor killed by SIGKILL cannot remove its own: the next one started
+  (a restarted container, whose /tmp volume outlives it) removes those of supervisors that are gone.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a worker that served this long before dying restarts after FIRST_BACKOFF_S again
 KILL_MARGIN_S = 15.0  # beyond shutdown_grace_s, before a worker still draining is killed
+FOLDER_PREFIX = "fusionserve-workers-"  # then the supervisor's pid, "-", and tempfile's random part
 
 
 def usable_cores() -> int:
@@ -56,6 +60,37 @@ def usable_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the folders under ``parent`` left by supervisors that are gone (SIGKILL, OOM kill).
+
+    A folder whose pid is this process's own is stale too: this supervisor has not made its folder
+    yet, and a restarted container's first process gets the pid its predecessor had. Folders of
+    other users and of live processes are left alone. Returns the folders removed.
+    """
+    removed = []
+    for folder in sorted(parent.glob(f"{FOLDER_PREFIX}*-*")):
+        try:
+            pid = int(folder.name[len(FOLDER_PREFIX) :].split("-", 1)[0])
+            if not folder.is_dir() or folder.stat().st_uid != os.geteuid():
+                continue
+        except (ValueError, OSError):
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _cuda_provider_installed() -> bool:
@@ -145,7 +180,9 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         reserved: socket.socket | None = None
-        self._folder = Path(tempfile.mkdtemp(prefix="fusionserve-workers-"))
+        for stale in remove_stale_folders(Path(tempfile.gettempdir())):
+            logger.info("removed %s, left by a supervisor that was killed", stale)
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         try:
             reserved = reserve_port(self.settings.host, self.settings.port)
             self.port = reserved.getsockname()[1]

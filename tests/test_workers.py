@@ -177,6 +177,41 @@ def test_kill_9_of_a_worker_under_load_loses_no_call_and_it_is_restarted(reposit
     print(f"\nworkers: kill -9 of worker {victim_number}: {len(answered)} calls OK, none failed; restarted")
 
 
+def test_a_killed_supervisors_workers_stop_and_the_next_one_removes_its_files(repository, tmp_path):
+    env = {"TMPDIR": str(tmp_path)}
+    with ServerProcess(repository, "--workers", "2", env=env) as first:
+        workers = list(first.workers.values())
+        (left,) = tmp_path.glob(f"fusionserve-workers-{first.pid}-*")
+        first.kill()  # SIGKILL: no clean-up of its own
+        assert first.wait(10) == -signal.SIGKILL
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30), workers
+        assert (left / "settings.json").exists()  # left behind
+        with ServerProcess(repository, "--workers", "2", env=env) as second:
+            assert not left.exists()
+            assert f"removed {left}, left by a supervisor that was killed" in "".join(second.log)
+            assert [p.name.split("-")[2] for p in tmp_path.glob("fusionserve-workers-*")] == [str(second.pid)]
+            assert second.close() == 0
+    assert not list(tmp_path.glob("fusionserve-workers-*"))  # a clean stop removes its own
+
+
+def test_stale_folder_clean_up_spares_live_supervisors_and_other_files(tmp_path):
+    from fusionserve.server.supervisor import FOLDER_PREFIX, remove_stale_folders
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            alive = tmp_path / f"{FOLDER_PREFIX}{live.pid}-abc"
+            mine = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-abc"  # a restarted container's pid 1
+            unrelated = [tmp_path / f"{FOLDER_PREFIX}x-abc", tmp_path / "other-1-abc"]
+            for folder in (alive, mine, *unrelated):
+                folder.mkdir()
+            (tmp_path / f"{FOLDER_PREFIX}1-file").write_text("not a folder")
+            assert remove_stale_folders(tmp_path) == [mine]
+            assert alive.exists() and all(f.exists() for f in unrelated)
+            assert (tmp_path / f"{FOLDER_PREFIX}1-file").exists()
+        finally:
+            live.kill()
+
+
 def test_sigterm_drains_every_worker_and_exits_zero(repository, samples):
     lanes = 8
 
