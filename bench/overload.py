@@ -16,7 +16,8 @@
    retry throttling, so attempts stay near 1× the offered calls.
 
     python bench/overload.py [--multiples 0.5,1,1.5,2,4,10] [--duration-s 5] [--apis typed,v2]
-                             [--repository REPO] [--image-side 64] [--server-arg=--workers=2 ...] [--smoke]
+                             [--repository REPO] [--image-side 64] [--server-arg=--workers=2 ...]
+                             [--pin SERVER_CPUS:CLIENT_CPUS] [--smoke]
 
 ``--image-side 600`` makes decoding (in threads, off the event loop) the limit instead of the loop:
 that is where overload control's own refusals (RESOURCE_EXHAUSTED) come in. Writes
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -77,6 +79,21 @@ print(json.dumps(out))
 def _own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpus(spec: str) -> set[int]:
+    """``0-1,3`` → {0, 1, 3}."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _pin(cpus: set[int]) -> None:
+    """Run every thread of this process (and the processes it starts from now on) on ``cpus``."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cpus)
 
 
 def _pct(values: np.ndarray, p: float) -> float:
@@ -213,6 +230,9 @@ def main() -> int:
     p.add_argument("--image-side", type=int, default=64,
                    help="side of the generated images, in pixels (larger: decoding, off the event loop, limits)")
     p.add_argument("--server-arg", action="append", default=[], help="extra 'fusionserve serve' argument")
+    p.add_argument("--pin", metavar="SERVER:CLIENT",
+                   help="CPU lists for the server and this load generator, e.g. 0:1 (taskset's syntax): "
+                        "the load generator then takes no CPU from the server")
     p.add_argument("--smoke", action="store_true", help="seconds-long run for CI (1× and 4×, typed only)")
     args = p.parse_args()
     multiples = [1.0, 4.0] if args.smoke else [float(m) for m in args.multiples.split(",")]
@@ -222,7 +242,13 @@ def main() -> int:
     items = samples(256 if args.image_side <= 128 else 32, size=args.image_side)
     server_args = ["--embedding-cache-mb", "0", *args.server_arg]
     rows: list[dict[str, Any]] = []
+    server_cpus, client_cpus = (_cpus(part) for part in args.pin.split(":")) if args.pin else (None, None)
+    if server_cpus is not None:
+        _pin(server_cpus)  # the server's processes inherit it
     with ServerProcess(repo, *server_args, metrics_port=0) as server:
+        if client_cpus is not None:
+            _pin(client_cpus)
+            print(f"pinned: server on CPUs {sorted(server_cpus)}, load generator on CPUs {sorted(client_cpus)}")
         capacities = {}
         for api in apis:
             capacity_s = LoadSettings(target=[server.target], api=api, concurrency=32, warmup_s=0.5, connections=4,
@@ -251,9 +277,11 @@ def main() -> int:
         print(f"client library, retries on, {retry['offered_per_s']:.0f} calls/s: {retry['offered_calls']} calls, "
               f"{retry['server_attempts']:.0f} attempts at the server ({retry['attempts_per_call']:.2f} per call); "
               f"ends {retry['ends']}; OK p50/p99 {retry['ok_p50_ms']:.1f}/{retry['ok_p99_ms']:.1f} ms")  # fmt: skip
-    name = result_name("overload", smoke=args.smoke, tags=[f"side{args.image_side}"] if args.image_side != 64 else [])
-    write(name, {"machine": machine(), "server_args": server_args, "capacity_per_s": capacities, "rows": rows,
-                 "client_library": retry})  # fmt: skip
+    tags = [f"side{args.image_side}"] if args.image_side != 64 else []
+    tags += [f"pin{args.pin.replace(':', '_').replace(',', '.')}"] if args.pin else []
+    name = result_name("overload", smoke=args.smoke, tags=tags)
+    write(name, {"machine": machine(), "server_args": server_args, "pin": args.pin, "capacity_per_s": capacities,
+                 "rows": rows, "client_library": retry})  # fmt: skip
     plot(rows, capacities, name)
     return 0
 
