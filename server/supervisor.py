@@ -50,14 +50,26 @@ KILL_MARGIN_S = 15.0  # beyond shutdown_grace_s, before a worker still draining 
 FOLDER_PREFIX = "fusionserve-workers-"  # then the supervisor's pid, "-", and tempfile's random part
 
 
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may run on: its CPU affinity, capped by a container's CPU quota.
+
+    The quota is cgroup v2's ``cpu.max`` ("200000 100000": 2 cores; "max": none) or, on older
+    nodes, cgroup v1's ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us`` (-1: none).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = period = None
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            pass
+    try:
+        if quota is not None and period is not None and quota not in ("max", "-1"):
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except ValueError:
         pass
     return max(1, cores)
 

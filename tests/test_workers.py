@@ -177,6 +177,24 @@ def test_kill_9_of_a_worker_under_load_loses_no_call_and_it_is_restarted(reposit
     print(f"\nworkers: kill -9 of worker {victim_number}: {len(answered)} calls OK, none failed; restarted")
 
 
+@pytest.mark.parametrize(
+    ("files", "cap"),
+    [({"cpu.max": "200000 100000\n"}, 2), ({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "50000 100000\n"}, 1),
+     ({"cpu.max": "max 100000\n"}, None),
+     ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+     ({}, None)],
+)  # fmt: skip
+def test_auto_workers_follow_the_containers_cpu_quota(tmp_path, files, cap):
+    from fusionserve.server.supervisor import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (affinity if cap is None else min(affinity, cap))
+
+
 def test_a_killed_supervisors_workers_stop_and_the_next_one_removes_its_files(repository, tmp_path):
     env = {"TMPDIR": str(tmp_path)}
     with ServerProcess(repository, "--workers", "2", env=env) as first:
