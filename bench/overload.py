@@ -8,8 +8,10 @@
    empty. Reports goodput (OK answers per second) and its share of the capacity, admitted p50/p99
    (OK answers, from the intended send time), the p99 of refused calls, the status codes, the
    client's send lag (above a few ms the load generator, which shares the cores, is the limit),
-   the server's shed counts by reason, its resident memory, and the health check's latency, probed
-   every 50 ms from another process while the load runs.
+   the server's shed counts by reason, its resident memory, its CPU (cores, of which gRPC core's
+   own threads) and the load generator's, and the latency of a health check and of ``ListModels``
+   (every 50 ms) and of a metrics scrape (every 0.5 s), probed from another process while the load
+   runs.
 4. Through the client library with its retry policy on (``AsyncFusionClient``, open loop at 4×):
    the calls offered, the attempts gRPC received (those it shed included: gRPC core's own count), and
    how the calls ended: retries wait for the server's pushback, or back off, and stop under the
@@ -37,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,21 +59,27 @@ target, seconds, metrics_url = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 channel = grpc.insecure_channel(target)
 health, models = health_pb2_grpc.HealthStub(channel), fusion_pb2_grpc.FusionServiceStub(channel)
 health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-probes = {
-    "health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1,
-    "list_models": lambda: bool(models.ListModels(fusion_pb2.ListModelsRequest(), timeout=5).models),
-    "metrics": lambda: b"fusionserve_requests_total" in urllib.request.urlopen(metrics_url, timeout=5).read(),
+probes = {  # name: (call, every N rounds of 50 ms)
+    "health": (lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1, 1),
+    "list_models": (lambda: bool(models.ListModels(fusion_pb2.ListModelsRequest(), timeout=5).models), 1),
+    # A scrape costs the server milliseconds of Python: every 50 ms it would take a tenth of a core
+    # (Prometheus scrapes every 15 to 60 s). Every 0.5 s it still samples ten times in 5 s.
+    "metrics": (lambda: b"fusionserve_requests_total" in urllib.request.urlopen(metrics_url, timeout=5).read(), 10),
 }
 out = {name: [] for name in probes}
 end = time.monotonic() + seconds
+rounds = 0
 while time.monotonic() < end:
-    for name, probe in probes.items():
+    for name, (probe, every) in probes.items():
+        if rounds % every:
+            continue
         t = time.perf_counter()
         try:
             ok = probe()
         except Exception:
             ok = False
         out[name].append([(time.perf_counter() - t) * 1000, ok])
+    rounds += 1
     time.sleep(0.05)
 print(json.dumps(out))
 """
@@ -109,6 +118,25 @@ def _received(server: ServerProcess) -> float:
     return server.metric("fusionserve_grpc_calls_received")
 
 
+def _grpc_threads_cpu_s(server: ServerProcess) -> float:
+    """CPU time so far of gRPC core's own threads (``event_engine``, ``grpc_*``) in the server's processes.
+
+    They receive, parse and reset calls (the shed ones included) off the event loop.
+    """
+    total = 0.0
+    for pid in _pids(server):
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if name.startswith(("event_engine", "grpc")):
+                fields = stat.rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
 def _pids(server: ServerProcess) -> list[int]:
     """The server's processes: one, or the supervisor and its workers."""
     return [server.pid, *server.workers.values()]
@@ -123,12 +151,14 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
         prober = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     shed_before = _shed(server)
     server_cpu, client_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), _own_cpu_s(), time.monotonic()
+    grpc_cpu = _grpc_threads_cpu_s(server)
     s = LoadSettings(target=[server.target], api=api, rate=rate, duration_s=duration_s, warmup_s=0.5,
                      timeout_s=10.0, connections=4, progress=False)  # fmt: skip
     report = run(s, items)
     wall = time.monotonic() - wall
     server_cores = (sum(map(server.cpu_seconds, _pids(server))) - server_cpu) / wall
     client_cores = (_own_cpu_s() - client_cpu) / wall
+    grpc_cores = (_grpc_threads_cpu_s(server) - grpc_cpu) / wall
     r = report.results
     latency_ms = report.samples["latency_s"] * 1000
     ok = report.samples["ok"]
@@ -145,6 +175,7 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
         "shed": {k: v - shed_before[k] for k, v in _shed(server).items() if v - shed_before[k]},
         "rss_mb": sum(map(server.rss_mb, _pids(server))),
         "server_cores": server_cores,
+        "server_grpc_thread_cores": grpc_cores,
         "client_cores": client_cores,
     }
     if prober is not None:
@@ -249,14 +280,19 @@ def main() -> int:
         if client_cpus is not None:
             _pin(client_cpus)
             print(f"pinned: server on CPUs {sorted(server_cpus)}, load generator on CPUs {sorted(client_cpus)}")
-        capacities = {}
+        capacities, capacity_cores = {}, {}
         for api in apis:
             capacity_s = LoadSettings(target=[server.target], api=api, concurrency=32, warmup_s=0.5, connections=4,
                                       duration_s=1.0 if args.smoke else 5.0, progress=False)  # fmt: skip
+            server_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), time.monotonic()
             capacities[api] = run(capacity_s, items).results["requests_per_s"]
-            print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item)")
-        print(f"{'api':6} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'adm p50':>8} {'adm p99':>8} "
-              f"{'shed p99':>8} {'lag p99':>8} {'health/list/metrics p99':>23} {'RSS MB':>7} {'cores s/c':>9}  "
+            cores = (sum(map(server.cpu_seconds, _pids(server))) - server_cpu) / (time.monotonic() - wall)
+            capacity_cores[api] = cores
+            print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item; "
+                  f"server {cores:.2f} cores)")  # fmt: skip
+        print(f"{'api':6} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'/core':>6} {'adm p50':>8} "
+              f"{'adm p99':>8} "
+              f"{'shed p99':>8} {'lag p99':>8} {'health/list/metrics p99':>23} {'RSS MB':>7} {'cores s (grpc)/c':>16}  "
               "codes")  # fmt: skip
         for api in apis:
             capacity = capacities[api]
@@ -264,13 +300,19 @@ def main() -> int:
                 row = open_loop(server, items, api, m * capacity, duration_s, probe=True)
                 row["multiple"] = m
                 row["goodput_share"] = row["goodput_per_s"] / capacity
+                # The same per core-second the server got: on a shared machine its CPU varies from
+                # run to run, and this compares what it did with the CPU it had.
+                row["goodput_share_per_core"] = row["goodput_share"] * capacity_cores[api] / row["server_cores"]
                 rows.append(row)
                 print(f"{api:6} {row['offered_per_s']:8.0f} {m:5.1f} {row['goodput_per_s']:8.0f} "
-                      f"{row['goodput_share']:6.2f} {row['admitted_p50_ms']:8.1f} {row['admitted_p99_ms']:8.1f} "
+                      f"{row['goodput_share']:6.2f} {row['goodput_share_per_core']:6.2f} "
+                      f"{row['admitted_p50_ms']:8.1f} {row['admitted_p99_ms']:8.1f} "
                       f"{row['refused_p99_ms']:8.1f} {row['send_lag_p99_ms']:8.1f} "
                       f"{row['health_p99_ms']:7.1f}/{row['list_models_p99_ms']:6.1f}/"
                       f"{row['metrics_p99_ms']:6.1f}     "
-                      f"{row['rss_mb']:7.0f} {row['server_cores']:4.2f}/{row['client_cores']:4.2f}  {row['codes']} "
+                      f"{row['rss_mb']:7.0f} {row['server_cores']:4.2f} "
+                      f"({row['server_grpc_thread_cores']:4.2f})/{row['client_cores']:4.2f}  "
+                      f"{row['codes']} "
                       f"shed={row['shed']}", flush=True)  # fmt: skip
                 time.sleep(1.0)  # let queues empty between loads
         retry = with_retries(server, items, (4.0 if not args.smoke else 2.0) * capacities[apis[0]], duration_s)
@@ -281,7 +323,7 @@ def main() -> int:
     tags += [f"pin{args.pin.replace(':', '_').replace(',', '.')}"] if args.pin else []
     name = result_name("overload", smoke=args.smoke, tags=tags)
     write(name, {"machine": machine(), "server_args": server_args, "pin": args.pin, "capacity_per_s": capacities,
-                 "rows": rows, "client_library": retry})  # fmt: skip
+                 "capacity_server_cores": capacity_cores, "rows": rows, "client_library": retry})  # fmt: skip
     plot(rows, capacities, name)
     return 0
 
