@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionserve.server.settings import ServerSettings
+from fusionserve.server.worker import READY
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +253,10 @@ class Supervisor:
                    "--worker", str(worker.number), "--supervisor", str(os.getpid())]  # fmt: skip
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             command.append("--verbose")
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_folder)}
-        # stdout carries "ready"; stderr (the logs) is ours.
+        from fusionserve.server.metrics import MULTIPROC_ENV
+
+        env = {**os.environ, MULTIPROC_ENV: str(self._metrics_folder)}
+        # stdout carries READY; stderr (the logs) is ours.
         proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, env=env)
         logger.info("worker %d started (pid %d)", worker.number, proc.pid)
         return proc
@@ -266,7 +269,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             assert proc.stdout is not None
             while line := await proc.stdout.readline():  # until it exits (or closes stdout)
-                if line.strip() == b"ready" and worker.ready_at is None:
+                if line.strip() == READY.encode() and worker.ready_at is None:
                     worker.ready_at = time.monotonic()
                     logger.info("worker %d (pid %d) serving", worker.number, proc.pid)
                     if all(w.ready_at is not None for w in self._workers):
