@@ -137,6 +137,11 @@ def _grpc_threads_cpu_s(server: ServerProcess) -> float:
     return total
 
 
+def _server_cpu_s(server: ServerProcess) -> float:
+    """CPU time the server's processes have used so far."""
+    return sum(map(server.cpu_seconds, _pids(server)))
+
+
 def _pids(server: ServerProcess) -> list[int]:
     """The server's processes: one, or the supervisor and its workers."""
     return [server.pid, *server.workers.values()]
@@ -150,13 +155,13 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
         command = [sys.executable, "-c", PROBE, server.target, str(duration_s), str(server.metrics_url)]
         prober = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     shed_before = _shed(server)
-    server_cpu, client_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), _own_cpu_s(), time.monotonic()
+    server_cpu, client_cpu, wall = _server_cpu_s(server), _own_cpu_s(), time.monotonic()
     grpc_cpu = _grpc_threads_cpu_s(server)
     s = LoadSettings(target=[server.target], api=api, rate=rate, duration_s=duration_s, warmup_s=0.5,
                      timeout_s=10.0, connections=4, progress=False)  # fmt: skip
     report = run(s, items)
     wall = time.monotonic() - wall
-    server_cores = (sum(map(server.cpu_seconds, _pids(server))) - server_cpu) / wall
+    server_cores = (_server_cpu_s(server) - server_cpu) / wall
     client_cores = (_own_cpu_s() - client_cpu) / wall
     grpc_cores = (_grpc_threads_cpu_s(server) - grpc_cpu) / wall
     r = report.results
@@ -284,9 +289,9 @@ def main() -> int:
         for api in apis:
             capacity_s = LoadSettings(target=[server.target], api=api, concurrency=32, warmup_s=0.5, connections=4,
                                       duration_s=1.0 if args.smoke else 5.0, progress=False)  # fmt: skip
-            server_cpu, wall = sum(map(server.cpu_seconds, _pids(server))), time.monotonic()
+            server_cpu, wall = _server_cpu_s(server), time.monotonic()
             capacities[api] = run(capacity_s, items).results["requests_per_s"]
-            cores = (sum(map(server.cpu_seconds, _pids(server))) - server_cpu) / (time.monotonic() - wall)
+            cores = (_server_cpu_s(server) - server_cpu) / (time.monotonic() - wall)
             capacity_cores[api] = cores
             print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item; "
                   f"server {cores:.2f} cores)")  # fmt: skip
