@@ -1,27 +1,31 @@
-"""Overload control: the door every inference call passes before any work (decoding included).
+"""Admission: the door every inference call passes before any work (decoding included).
 
-The rule is queue-time admission: a call whose work could not start within the target delay is
-refused at once with RESOURCE_EXHAUSTED (:class:`OverloadedError`) and told when to come back,
-instead of joining a standing queue. Its wait is estimated by Little's law: the items admitted and
-not yet answered (``inflight``) over the items per second the server completes while busy (``capacity``,
-measured over windows of ``SAMPLE_S`` of busy time and smoothed: a lone caller measures the
-unbatched rate, a crowd the batched one, an overloaded server its true capacity; idle time never
-lowers it; until the first sample nothing is refused).
+Two rules, each answering a refused call with RESOURCE_EXHAUSTED (:class:`OverloadedError`) and a time
+to come back, before the call has cost anything but its arrival:
 
-Calls are refused only once the wait has stayed over the target for ``INTERVAL_S`` (CoDel's rule: a
-burst that drains sooner is served; a standing queue is not), and then, for ``RECENT_S`` after the
-last refusal, as soon as it is over the target again. The call's own size does not count
-against it (its items add service time, not queueing), so a big call is never starved, and a call
-is always admitted when nothing else is in flight.
+1. **The caller's deadline** (always on). The door predicts when a call arriving now would be answered:
+   the items admitted and not yet answered (``inflight``) drained at the rate the server completes
+   items while busy (``capacity``), then the call's own service (at least one lone call's time, or its
+   own items at the busy rate). A call whose deadline comes before that is refused at once, instead of
+   being served late or waiting in a queue to expire; a call whose deadline allows the wait is served.
+   A call without a deadline is never refused by this rule (Triton and TF Serving likewise queue
+   without a bound unless a per-request timeout says otherwise). gRPC's deadline counts from the
+   call's arrival at the server, so time spent in gRPC's own accept queue is already off it.
+2. **Queue delay** (opt-in, ``queue_delay_target_ms`` > 0). A call whose work could not start within
+   the target is refused once the estimated wait has stayed over the target for ``INTERVAL_S`` (CoDel's
+   rule: a burst that drains sooner is served; a standing queue is not), and then, for ``RECENT_S``
+   after the last refusal, as soon as it is over the target again. Off by default because it cannot
+   tell an open loop's standing queue from a closed loop's: 128 callers at 1,100 answers/s wait about
+   115 ms each, a bounded load every peer serves, which a 50 ms target refused.
+   docs/RELIABILITY.md#overload-control has the figures for both.
 
-This is where shedding pays: when the work is what limits (big batches, big models, a busy GPU),
-refusing costs a sliver of serving. When the event loop limits instead (small one-item calls), calls
-queue in gRPC's accept queue before any code of ours sees them, and refusing them there would cost
-the loop nearly what serving them does (tried, from gRPC's channelz counts: with the same 256-call
-queue, goodput at 4× fell from 0.63 to 0.41 of capacity).
-That queue is kept short instead (``max_pending_rpcs``), and gRPC sheds beyond it for free.
-docs/RELIABILITY.md#overload-control has the figures. One door per server process (each worker of
-``--workers N`` has its own, like its own batchers).
+``capacity`` is measured over windows of ``SAMPLE_S`` of busy time and smoothed: a lone caller
+measures the unbatched rate, a crowd the batched one, an overloaded server its true capacity; idle time
+never lowers it; until the first sample neither rule refuses on a prediction. A call's own size does not
+count against the queue-delay rule (its items add service time, not queueing), so a big call is never
+starved, and a call is always admitted when nothing else is in flight (unless its deadline has already
+passed). One door per server process (each worker of ``--workers N`` has its own, like its own
+batchers).
 """
 
 from __future__ import annotations
@@ -32,35 +36,45 @@ import random
 import time
 from collections.abc import Callable, Iterator
 
-from fusionserve.errors import QueueFullError
+from fusionserve.errors import DeadlineExceededError, QueueFullError
 
 SAMPLE_S = 0.1
 """Busy time one capacity sample spans."""
 SMOOTHING = 0.3
-"""Weight of a new capacity sample (exponential moving average)."""
+"""Weight of a new capacity or service-time sample (exponential moving average)."""
 INTERVAL_S = 0.1
 """How long the wait must stay over the target before calls are refused (CoDel's interval): a burst
 that drains sooner is served, a standing queue is not."""
 RECENT_S = 10 * INTERVAL_S
 """Within this long of its last refusal, the door refuses as soon as the wait is over the target
 again (CoDel likewise resumes dropping at once when the queue comes back soon)."""
+MIN_PUSHBACK_S = 0.005
+"""Shortest time a refused caller is told to wait before trying again."""
 MAX_PUSHBACK_S = 1.0
 """Longest time a refused caller is told to wait before trying again."""
 
 
 class OverloadedError(QueueFullError):
-    """Refused by overload control: the call could not start within the target delay."""
+    """Refused at the door: the call could not be answered in time (its deadline, or the target delay)."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, reason="queue_delay", retry_after_s=retry_after_s)
+    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
+        super().__init__(message, reason=reason, retry_after_s=retry_after_s)
+
+
+def pushback_s(excess_s: float) -> float:
+    """How long to tell a refused caller to wait: ``excess_s``, jittered ±50%, within the bounds.
+
+    The jitter keeps refused callers from all coming back together.
+    """
+    return min(MAX_PUSHBACK_S, max(MIN_PUSHBACK_S, excess_s * random.uniform(0.5, 1.5)))
 
 
 class Admission:
-    """The door of one server process (see the module docstring); ``target_s`` 0 admits everything."""
+    """The door of one server process (see the module docstring); ``target_s`` 0 turns rule 2 off."""
 
     def __init__(
         self,
-        target_s: float,
+        target_s: float = 0.0,
         *,
         on_change: Callable[[Admission], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -70,57 +84,99 @@ class Admission:
         """Items admitted and not yet answered."""
         self.capacity: float | None = None
         """Items per second completed while busy (None until measured)."""
+        self.service_s: float | None = None
+        """How long a call admitted into an idle server takes (None until measured)."""
         self._on_change = on_change
         self._clock = clock
         self._busy_since: float | None = None  # when inflight last went from 0 to more
         self._busy_s = 0.0  # busy time in the current sample, up to _busy_since
         self._done = 0  # items completed in the current sample
         self._over_since: float | None = None  # since when the estimated wait has been over the target
-        self._refused_at = -math.inf  # when the door last refused a call
+        self._refused_at = -math.inf  # when the queue-delay rule last refused a call
 
     def estimated_wait_s(self) -> float:
         """How long a call arriving now would wait before its work starts."""
         return self.inflight / self.capacity if self.capacity else 0.0
 
+    def predicted_s(self, items: int) -> float:
+        """How long a call of ``items`` items arriving now would take to be answered (0 until measured)."""
+        own = max(self.service_s or 0.0, items / self.capacity if self.capacity else 0.0)
+        return self.estimated_wait_s() + own
+
     @property
     def limit(self) -> float | None:
-        """Items in flight beyond which new calls are refused (None: no limit now)."""
+        """Items in flight beyond which the queue-delay rule refuses new calls (None: no limit now)."""
         if self.target_s <= 0 or self.capacity is None:
             return None
         return self.capacity * self.target_s
 
     @contextlib.contextmanager
-    def admit(self, items: int) -> Iterator[None]:
-        """Hold ``items`` while the call runs, or raise OverloadedError at once.
+    def admit(self, items: int, timeout_s: float | None = None) -> Iterator[None]:
+        """Hold ``items`` while the call runs, or raise at once.
 
-        A call is refused when the wait it would have before its work starts has been over the
-        target for ``INTERVAL_S``, unless nothing is admitted at all.
+        Args:
+            items: the call's items (an empty call, refused later as a bad request, counts as one).
+            timeout_s: the time its caller's deadline leaves, or None for no deadline.
+
+        Raises:
+            OverloadedError: the deadline cannot be met (reason ``deadline``), or the wait has stood
+                over the target delay (reason ``queue_delay``).
+            DeadlineExceededError: the deadline has already passed.
         """
-        items = max(items, 1)  # an empty call (refused later, as a bad request) still holds its place
+        items = max(items, 1)
+        if timeout_s is not None:
+            self._check_deadline(items, timeout_s)
         if self.target_s > 0:
-            wait_s = self.estimated_wait_s()
-            if wait_s < self.target_s or self.inflight == 0:
-                self._over_since = None
-            else:
-                now = self._clock()
-                if self._over_since is None:
-                    self._over_since = now
-                # A standing queue, or one back soon after the last refusals: refuse at once.
-                if now - self._over_since >= INTERVAL_S or now - self._refused_at < RECENT_S:
-                    self._refused_at = now
-                    raise self._refusal(wait_s)
-        if self.inflight == 0:
-            self._busy_since = self._clock()
+            self._check_queue_delay()
+        started = self._clock()
+        lone = self.inflight == 0
+        if lone:
+            self._busy_since = started
         self.inflight += items
         try:
             yield
         finally:
-            self._release(items)
+            self._release(items, started if lone else None)
 
-    def _release(self, items: int) -> None:
+    def _check_deadline(self, items: int, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise DeadlineExceededError("the call's deadline passed before it could start")
+        if self.inflight == 0:
+            return  # nothing ahead of it: whatever its deadline, this call is its best chance
+        predicted_s = self.predicted_s(items)
+        if predicted_s > timeout_s:
+            raise OverloadedError(
+                f"server busy: the call would be answered in about {predicted_s * 1000:.0f} ms, after its "
+                f"deadline ({timeout_s * 1000:.0f} ms from now); retry later or on another replica",
+                pushback_s(predicted_s - timeout_s),
+                reason="deadline",
+            )
+
+    def _check_queue_delay(self) -> None:
+        wait_s = self.estimated_wait_s()
+        if wait_s < self.target_s or self.inflight == 0:
+            self._over_since = None
+            return
+        now = self._clock()
+        if self._over_since is None:
+            self._over_since = now
+        # A standing queue, or one back soon after the last refusals: refuse at once.
+        if now - self._over_since >= INTERVAL_S or now - self._refused_at < RECENT_S:
+            self._refused_at = now
+            raise OverloadedError(
+                f"server overloaded: the call would wait about {wait_s * 1000:.0f} ms to start, over the "
+                f"{self.target_s * 1000:.0f} ms target; retry later or on another replica",
+                pushback_s(max(self.target_s, wait_s - self.target_s)),
+                reason="queue_delay",
+            )
+
+    def _release(self, items: int, lone_since: float | None) -> None:
         self.inflight -= items
         self._done += items
         now = self._clock()
+        if lone_since is not None:
+            took = now - lone_since
+            self.service_s = took if self.service_s is None else (1 - SMOOTHING) * self.service_s + SMOOTHING * took
         assert self._busy_since is not None
         busy = self._busy_s + (now - self._busy_since)
         if self.inflight == 0:
@@ -133,12 +189,3 @@ class Admission:
                 self._busy_since = now
             if self._on_change is not None:
                 self._on_change(self)
-
-    def _refusal(self, wait_s: float) -> OverloadedError:
-        # Come back once the excess has drained, spread out so refused callers do not return together.
-        retry_after_s = min(MAX_PUSHBACK_S, max(self.target_s, wait_s - self.target_s) * random.uniform(0.5, 1.5))
-        return OverloadedError(
-            f"server overloaded: the call would wait about {wait_s * 1000:.0f} ms to start, over the "
-            f"{self.target_s * 1000:.0f} ms target; retry in {retry_after_s * 1000:.0f} ms or on another replica",
-            retry_after_s,
-        )

@@ -17,7 +17,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fusionserve.server import grpc_counts
+from fusionserve.server.admission import pushback_s
 from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
+from fusionserve.server.calls import CallLimit
 from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
@@ -47,6 +49,8 @@ class FusionServer:
         self.core = ServingCore(settings, self.metrics)
         self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight,
                                on_refusal=lambda reason: self.metrics.shed.labels(reason).inc())  # fmt: skip
+        self.calls = CallLimit(settings.max_concurrent_rpcs, retry_after_s=self._calls_pushback_s,
+                               on_refusal=lambda reason: self.metrics.shed.labels(reason).inc())  # fmt: skip
         self.core.on_change = self._publish_health  # versions loaded or unloaded while serving
         self._health_names: set[str] = set()
         self.health = HealthServicer()
@@ -63,20 +67,21 @@ class FusionServer:
         if self.settings.auth_token_file:
             tokens = load_tokens(self.settings.auth_token_file)
             interceptors.append(TokenAuthInterceptor(tokens, exempt_health=self.settings.auth_exempt_health))
-        interceptors.append(ErrorInterceptor())
+        interceptors.append(ErrorInterceptor(calls=self.calls))
         await self.core.start()
         limit = self.settings.max_message_bytes
         before = grpc_counts.server_ids()
+        # No maximum_concurrent_rpcs here: grpc.aio's would hold the excess in gRPC's accept queue
+        # instead of refusing it; self.calls refuses it with RESOURCE_EXHAUSTED (server/calls.py).
         server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Workers share the port; a process of its own must not share it with a stray server.
                 ("grpc.so_reuseport", 1 if self.worker else 0),
-                # Bound gRPC's own accept queue (see ServerSettings.max_pending_rpcs): beyond it new
-                # calls are shed at once instead of waiting, unseen, for seconds under overload.
+                # gRPC's own accept queue (see ServerSettings.max_pending_rpcs): far above any load the
+                # event loop falls behind on, since gRPC answers its overflow CANCELLED.
                 ("grpc.server.max_pending_requests", self.settings.max_pending_rpcs),
                 ("grpc.server.max_pending_requests_hard_limit", self.settings.max_pending_rpcs),
                 *self._connection_age_options(),
@@ -109,6 +114,10 @@ class FusionServer:
             logger.info("worker %d serving on %s (port %d)", self.worker, self.settings.host, self.port)
         else:
             logger.info("fusionserve listening on %s (port %d)", self.settings.host, self.port)
+
+    def _calls_pushback_s(self) -> float:
+        """When a caller refused for too many calls in flight should come back: once the work ahead drains."""
+        return pushback_s(self.core.admission.estimated_wait_s())
 
     async def _refresh_metrics(self) -> None:
         """A worker's gauges read at scrape time in one process are copied to its files each second."""

@@ -4,8 +4,9 @@ One consumer task per model takes the first queued item, adds whatever else is q
 when the model has been busy (work arrived while the last batch ran) — waits for more, up to
 ``max_batch_size`` items, for at most ``max_queue_delay_s`` and never longer than one run of the
 model takes (a tiny model gains nothing from waiting). A lone caller therefore never waits
-for a batch that will never fill, while a crowd is still batched. The queue is bounded in items;
-a full queue raises QueueFullError at once. Expired and cancelled work is dropped before compute.
+for a batch that will never fill, while a crowd is still batched. The queue is bounded in items (a
+:class:`~fusionserve.server.room.Room`): a caller that finds it full waits for room, at most until its
+deadline. Expired and cancelled work is dropped before compute.
 
 When a merged batch fails, its requests are run again one by one instead of all receiving the
 error: a failure caused by one caller's values (onnxruntime refusing an out-of-range index, say)
@@ -24,12 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusionserve.errors import (
-    DeadlineExceededError,
-    InvalidInputError,
-    ModelNotReadyError,
-    QueueFullError,
-)
+from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError
+from fusionserve.server.room import Room
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +40,7 @@ class _Work:
     future: asyncio.Future
     deadline: float | None  # loop.time() by which the caller needs the answer
     lone: bool = False  # the caller knows no other request is in flight on this server path
+    room: int = 0  # the items it holds in the queue's room (its size, cut to the room's capacity)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -75,12 +73,11 @@ class DynamicBatcher:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self.max_queue_size = max_queue_size
+        self._room = Room(max_queue_size, f"model {name!r}'s queue (max_queue_size)")
         self._run = run
         self._executor = executor
         self.stats = stats or BatchStats()
         self._queue: collections.deque[_Work] = collections.deque()
-        self._queued_items = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -95,9 +92,14 @@ class DynamicBatcher:
         self._avg_compute_s: float | None = None
 
     @property
+    def max_queue_size(self) -> int:
+        """Items the queue holds; callers beyond it wait for room."""
+        return self._room.capacity
+
+    @property
     def queued_items(self) -> int:
         """Items waiting in the queue now."""
-        return self._queued_items
+        return self._room.held
 
     async def start(self) -> None:
         """Start the consumer task (on the running loop)."""
@@ -110,9 +112,9 @@ class DynamicBatcher:
         self._closed = True
         while self._queue:
             work = self._queue.popleft()
+            self._room.leave(work.room)
             if not work.future.done():
                 work.future.set_exception(ModelNotReadyError(f"model {self.name!r} is shutting down"))
-        self._queued_items = 0
         if self._task is not None:
             self._task.cancel()
             try:
@@ -131,8 +133,8 @@ class DynamicBatcher:
 
         Raises:
             InvalidInputError: more rows than ``max_batch_size``.
-            QueueFullError: the queue cannot take these rows now.
-            DeadlineExceededError: the deadline passed before the rows were run.
+            DeadlineExceededError: the deadline passed before the rows were run (waiting for room in
+                the queue included).
             ModelNotReadyError: the batcher is closed.
         """
         if self._closed or self._task is None:
@@ -147,16 +149,15 @@ class DynamicBatcher:
             raise InvalidInputError(
                 f"model {self.name!r}: batch of {size} is over the maximum of {self.max_batch_size}"
             )
-        if self._queued_items + size > self.max_queue_size:
-            raise QueueFullError(
-                f"model {self.name!r}: queue is full ({self._queued_items} of {self.max_queue_size} items); "
-                "retry later",
-                reason="queue_full",
-            )
+        room = self._room.fit(size)
+        if not self._room.try_enter(room):
+            await self._room.enter(room, deadline)
+            if self._closed:
+                self._room.leave(room)
+                raise ModelNotReadyError(f"model {self.name!r} is not serving")
         loop = asyncio.get_running_loop()
-        work = _Work(inputs, size, loop.create_future(), deadline, lone)
+        work = _Work(inputs, size, loop.create_future(), deadline, lone, room)
         self._queue.append(work)
-        self._queued_items += size
         if self._running:
             self._busy = True
         assert self._wakeup is not None
@@ -167,7 +168,7 @@ class DynamicBatcher:
         """Move queued work into ``batch`` while it fits; returns the new row count."""
         while self._queue and rows + self._queue[0].size <= self.max_batch_size:
             work = self._queue.popleft()
-            self._queued_items -= work.size
+            self._room.leave(work.room)
             batch.append(work)
             rows += work.size
         return rows

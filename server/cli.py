@@ -69,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="override every model's max batch size")
     p.add_argument("--max-queue-delay-ms", type=float, help=f"batch wait once busy (default {d.max_queue_delay_ms:g})")
     p.add_argument("--queue-delay-target-ms", type=float,
-                   help=f"overload control: refuse new work that would wait longer than this to start, "
-                        f"0 = off (default {d.queue_delay_target_ms:g})")  # fmt: skip
+                   help=f"opt-in queue-time shedding: refuse new work that would wait longer than this to "
+                        f"start, 0 = off (default {d.queue_delay_target_ms:g}; deadlines shed anyway)")  # fmt: skip
     p.add_argument("--embedding-cache-mb", type=float,
                    help=f"memory for cached encoder outputs, 0 = off (default {d.embedding_cache_mb:g})")
     p.add_argument("--shutdown-grace-s", type=float, help=f"drain time on SIGTERM (default {d.shutdown_grace_s:g})")

@@ -98,8 +98,15 @@ class ServingCore:
         self._ort_pool.shutdown(wait=True)
         self._pre_pool.shutdown(wait=True)
 
+    def _admit(self, items: int, deadline: float | None) -> contextlib.AbstractContextManager[None]:
+        """Pass the door (server/admission.py) with ``items`` items and a ``loop.time()`` deadline."""
+        timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        return self.admission.admit(items, timeout_s)
+
     @contextlib.contextmanager
-    def _pipeline(self, name: str, version: int, items: int) -> Iterator[tuple[ModelEntry, MultimodalPipeline]]:
+    def _pipeline(
+        self, name: str, version: int, items: int, deadline: float | None
+    ) -> Iterator[tuple[ModelEntry, MultimodalPipeline]]:
         """A ready pipeline model, held for one call of ``items`` items, past the door (overload control).
 
         Raises InvalidInputError if ``name`` is a tensor model. The hold is taken with the lookup: the
@@ -110,7 +117,7 @@ class ServingCore:
             raise InvalidInputError(
                 f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
             )
-        with self.admission.admit(items), entry.in_use():
+        with self._admit(items, deadline), entry.in_use():
             yield entry, entry.pipeline
 
     # ---- inference -------------------------------------------------------------------------
@@ -123,14 +130,11 @@ class ServingCore:
         *,
         deadline: float | None = None,
         per_item_errors: bool = False,
-        wait_for_room: bool = False,
     ) -> tuple[ModelEntry, PipelineResult]:
         """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
-        with self._pipeline(name, version, len(images)) as (entry, pipeline):
-            result = await self._run_pipeline(
-                entry, pipeline, images, texts,
-                deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room,
-            )  # fmt: skip
+        with self._pipeline(name, version, len(images), deadline) as (entry, pipeline):
+            result = await self._run_pipeline(entry, pipeline, images, texts, deadline=deadline,
+                                              per_item_errors=per_item_errors)  # fmt: skip
         return entry, result
 
     async def _run_pipeline(
@@ -142,13 +146,10 @@ class ServingCore:
         *,
         deadline: float | None,
         per_item_errors: bool = False,
-        wait_for_room: bool = False,
     ) -> PipelineResult:
         """``pipeline.run``, counted as one execution in the pipeline's statistics."""
         started = time.perf_counter()
-        result = await pipeline.run(
-            images, texts, deadline=deadline, per_item_errors=per_item_errors, wait_for_room=wait_for_room
-        )
+        result = await pipeline.run(images, texts, deadline=deadline, per_item_errors=per_item_errors)
         self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
         return result
 
@@ -156,7 +157,7 @@ class ServingCore:
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
     ) -> tuple[ModelEntry, np.ndarray | None, np.ndarray | None]:
         """Image and/or text embeddings from a pipeline's encoders."""
-        with self._pipeline(name, version, max(len(images), len(texts))) as (entry, pipeline):
+        with self._pipeline(name, version, max(len(images), len(texts)), deadline) as (entry, pipeline):
             image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
         return entry, image_features, text_features
 
@@ -172,7 +173,7 @@ class ServingCore:
         deadline: float | None = None,
     ) -> tuple[ModelEntry, Ranking]:
         """One query against candidates of the other modality (see MultimodalPipeline.rank)."""
-        with self._pipeline(name, version, len(images) + len(texts) + 1) as (entry, pipeline):
+        with self._pipeline(name, version, len(images) + len(texts) + 1, deadline) as (entry, pipeline):
             ranking = await pipeline.rank(image=image, text=text, images=images, texts=texts, deadline=deadline)
         return entry, ranking
 
@@ -189,7 +190,7 @@ class ServingCore:
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")
         rows = len(next(iter(inputs.values()), ()))
-        with self.admission.admit(rows):
+        with self._admit(rows, deadline):
             validate_inputs(entry.config, inputs, entry.max_batch_size)
             with entry.in_use():
                 return entry, await entry.batcher.submit(inputs, deadline=deadline)

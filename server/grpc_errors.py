@@ -2,6 +2,8 @@
 
 Unknown exceptions are bugs: they are logged with their traceback and the caller sees
 ``INTERNAL "internal error"`` (never grpc's raw "Unexpected <class ...>", which leaks internals).
+The same wrapper counts each call against the server's :class:`~fusionserve.server.calls.CallLimit`,
+so a call refused there is answered like any other error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fusionserve.errors import (
     UnauthenticatedError,
     UnsupportedError,
 )
+from fusionserve.server.calls import CallLimit
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +140,16 @@ async def _abort(e: Exception, context: grpc.aio.ServicerContext, method: str) -
     await context.abort(code, message)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str, calls: CallLimit
+) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(_prepared(request, method), context)
+            calls.enter()
+            try:
+                return await behavior(_prepared(request, method), context)
+            finally:
+                calls.leave()
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -149,11 +158,15 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], method: str, calls: CallLimit) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async for response in behavior(_prepared(request, method), context):
-                yield response
+            calls.enter()
+            try:
+                async for response in behavior(_prepared(request, method), context):
+                    yield response
+            finally:
+                calls.leave()
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -165,11 +178,16 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by our handlers (unary or streaming) to status codes.
 
-    Only our own services are wrapped (health and reflection handle their own errors).
+    It also holds each call's place in ``calls`` while the call runs (no bound when None). Only our own
+    services are wrapped: health and reflection handle their own errors and are never refused for lack
+    of room.
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = ("/fusionserve.", "/inference.")) -> None:
+    def __init__(
+        self, prefixes: tuple[str, ...] = ("/fusionserve.", "/inference."), calls: CallLimit | None = None
+    ) -> None:
         self._prefixes = prefixes
+        self._calls = calls if calls is not None else CallLimit(2**62)
 
     async def intercept_service(
         self,
@@ -184,7 +202,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         kind = handler_kind(handler)
         wrap = _wrap_stream if kind.endswith("_stream") else _wrap_unary
         return HANDLER_FACTORIES[kind](
-            wrap(getattr(handler, kind), method),
+            wrap(getattr(handler, kind), method, self._calls),
             _tolerant(handler.request_deserializer),
             handler.response_serializer,
         )

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionserve.errors import FusionServeError, InvalidInputError, QueueFullError
+from fusionserve.errors import FusionServeError, InvalidInputError
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.encoders import ImageEncoder, TextEncoder
 from fusionserve.server.limits import Limits
 from fusionserve.server.pipeline_config import PipelinePlan
+from fusionserve.server.room import Room
 
 
 @dataclass
@@ -70,9 +71,8 @@ class MultimodalPipeline:
         self.positive = self.labels.index("match") if "match" in self.labels else len(self.labels) - 1
         self.limits = limits
         self.max_batch_size = max_batch_size
-        self.max_inflight_items = max_inflight_items
-        self.inflight_items = 0
-        self._room = asyncio.Condition()
+        self.room = Room(max_inflight_items, "the pipeline (max_pipeline_items)")
+        """Items admitted at once, decoding included (``max_pipeline_items``); more wait for room."""
 
     def _check_texts(self, texts: Sequence[str], noun: str = "item") -> dict[int, FusionServeError]:
         errors: dict[int, FusionServeError] = {}
@@ -105,7 +105,6 @@ class MultimodalPipeline:
         *,
         deadline: float | None = None,
         per_item_errors: bool = False,
-        wait_for_room: bool = False,
     ) -> PipelineResult:
         """Classify a batch.
 
@@ -114,39 +113,27 @@ class MultimodalPipeline:
             texts: one text per item.
             deadline: ``loop.time()`` by which the answer is needed.
             per_item_errors: report bad items in the result instead of failing the whole batch.
-            wait_for_room: wait while the pipeline is at capacity (streams) instead of raising
-                QueueFullError (unary calls).
 
         Raises:
             InvalidInputError: a bad batch, or (unless ``per_item_errors``) any bad item.
+            DeadlineExceededError: the deadline passed while waiting for room.
         """
         n = len(images)
         if len(texts) != n:
             raise InvalidInputError(f"{n} images but {len(texts)} texts: send one of each per item")
         self._check_batch(n)
-        async with self._admit(n, wait_for_room):
+        async with self._admit(n, deadline):
             return await self._run(images, texts, deadline, per_item_errors)
 
     @contextlib.asynccontextmanager
-    async def _admit(self, n: int, wait: bool = False) -> AsyncIterator[None]:
-        """Admission control before any work (decoding included): bounded memory under overload."""
-        n = min(n, self.max_inflight_items)
-        if self.inflight_items + n > self.max_inflight_items:
-            if not wait:
-                raise QueueFullError(
-                    f"pipeline is at capacity ({self.inflight_items} of {self.max_inflight_items} items in flight); "
-                    "retry later or on another replica",
-                    reason="pipeline_full",
-                )
-            async with self._room:
-                await self._room.wait_for(lambda: self.inflight_items + n <= self.max_inflight_items)
-        self.inflight_items += n
+    async def _admit(self, n: int, deadline: float | None) -> AsyncIterator[None]:
+        """Room for ``n`` items before any work (decoding included): bounded memory, callers wait their turn."""
+        n = self.room.fit(n)
+        await self.room.enter(n, deadline)
         try:
             yield
         finally:
-            self.inflight_items -= n
-            async with self._room:
-                self._room.notify_all()
+            self.room.leave(n)
 
     async def _run(
         self, images: Sequence[bytes], texts: Sequence[str], deadline: float | None, per_item_errors: bool
@@ -154,7 +141,7 @@ class MultimodalPipeline:
         n = len(images)
         errors: dict[int, Exception] = dict(self._check_texts(texts))
         good_texts = [i for i in range(n) if i not in errors]
-        lone = self.inflight_items == n
+        lone = self.room.held == n
         (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
             self.image_encoder.features(images, deadline=deadline, lone=lone),
             self.text_encoder.features([texts[i] for i in good_texts], deadline=deadline, lone=lone),
@@ -192,7 +179,7 @@ class MultimodalPipeline:
         for count in (len(images), len(texts)):
             if count:
                 self._check_batch(count)
-        async with self._admit(max(len(images), len(texts))):
+        async with self._admit(max(len(images), len(texts)), deadline):
             self._raise_first(self._check_texts(texts))
             (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
                 self.image_encoder.features(images, deadline=deadline),
@@ -226,7 +213,7 @@ class MultimodalPipeline:
             raise InvalidInputError(f"the query is {'an image' if image is not None else 'a text'}: send {other} "
                                     "as candidates")  # fmt: skip
         self._check_batch(len(candidates), f"candidate {other}")
-        async with self._admit(len(candidates) + 1):
+        async with self._admit(len(candidates) + 1, deadline):
             if image is not None:
                 self._raise_first(self._check_texts(texts, "candidate"))
                 (query, query_errors), (rows, row_errors) = await asyncio.gather(

@@ -59,29 +59,32 @@ class ServerSettings:
     max_queue_delay_ms: float = 2.0
     """How long a batch may wait for more items, once the model is busy. A lone caller never waits."""
     max_queue_size: int = 512
-    """Items a model's queue holds before new work gets RESOURCE_EXHAUSTED (bounds queueing delay)."""
-    queue_delay_target_ms: float = 50.0
-    """Overload control: new work that could not start within about this long is refused at once
-    (RESOURCE_EXHAUSTED, with a ``grpc-retry-pushback-ms`` trailer telling the client when to come
-    back) instead of joining a standing queue. 0 turns it off. See docs/RELIABILITY.md#overload-control."""
+    """Items a model's batch queue holds; callers beyond it wait for room (at most until their
+    deadline). Bounds the memory of decoded inputs and the queueing delay, never refuses."""
+    queue_delay_target_ms: float = 0.0
+    """Opt-in queue-time shedding: when > 0, new work that could not start within about this long is
+    refused at once (RESOURCE_EXHAUSTED with a ``grpc-retry-pushback-ms`` trailer) once the wait has
+    stood over it for 100 ms. Off by default: it cannot tell an open loop's standing queue from a closed
+    loop's, and refused closed loops of 128 callers at 50 ms; the caller's deadline sheds instead (a call
+    that cannot be answered before its deadline is refused at once). See docs/RELIABILITY.md#overload-control."""
     max_pipeline_items: int = 512
-    """Items a pipeline admits at once, decoding included. Beyond it unary calls get RESOURCE_EXHAUSTED
-    at once and streams stop reading until there is room (backpressure)."""
+    """Items a pipeline admits at once, decoding included; calls beyond it wait for room (at most until
+    their deadline), unary calls and stream requests alike."""
     max_connection_age_s: float = 0.0
     """Close each client connection gracefully after this long (0 = never), so clients re-resolve
     DNS and spread over replicas added since (Kubernetes scale-ups)."""
     max_connection_age_grace_s: float = 10.0
     """Time in-flight calls get on a connection closed for its age."""
     max_concurrent_rpcs: int = 4096
-    """RPCs the gRPC server runs at once; beyond it gRPC itself answers RESOURCE_EXHAUSTED."""
-    max_pending_rpcs: int = 64
-    """Calls gRPC holds before the event loop takes them up (its accept queue). When calls arrive
-    faster than the loop takes them up, they wait there, before any limit of ours sees them; beyond
-    this many, gRPC sheds new calls at once, at no cost to the loop (the caller sees CANCELLED,
-    gRPC's choice; the client library retries it, throttled). They wait about this many ÷ the calls
-    the loop takes up per second (1,500-2,000 on 2 cores): 64 keeps that near the 50 ms
-    queue_delay_target_ms. gRPC's own default (1000, growing to 3000) let admitted calls wait
-    0.8-1.1 s at 2-4× capacity. See docs/RELIABILITY.md#overload-control."""
+    """Calls to fusionserve's services in flight at once per process (health and reflection not
+    counted). Beyond it a call is refused at once with RESOURCE_EXHAUSTED and a pushback: the only
+    bound that refuses for lack of room, so a closed loop of up to this many callers is always answered."""
+    max_pending_rpcs: int = 20_000
+    """Calls gRPC holds before the event loop takes them up (its accept queue). gRPC answers an overflow
+    of it CANCELLED, a code that tells a caller nothing, so it is set far above any queue the loop falls
+    behind by: a closed loop never has more calls out than callers, and under an open-loop flood the
+    callers' deadlines end calls there (gRPC drops a cancelled call before the loop sees it).
+    See docs/RELIABILITY.md#overload-control."""
     intra_op_threads: int = 1
     """onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)."""
     inter_op_threads: int = 1

@@ -91,7 +91,6 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             [item.text for item in request.items],
             deadline=deadline,
             per_item_errors=per_item,
-            wait_for_room=per_item,  # streams get backpressure, unary calls a quick RESOURCE_EXHAUSTED
         )
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:

@@ -49,6 +49,18 @@ def repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
+def heavy_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny graphs over 256×256 images and a 64-channel convolution: an image-encoder run takes a
+    millisecond or more per item, several times what the event loop spends taking up a call, so calls
+    that arrive meanwhile wait in the queue and meet in the next run, on any machine (with the 64×64
+    graphs, runs are so short that whether calls meet is chance)."""
+    from tests import tiny_repository
+
+    return tiny_repository.build(tmp_path_factory.mktemp("heavy") / "repo", image_size=(256, 256),
+                                 image_channels=64)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def server(repository: Path):
     """One shared server over the session repository (tests that stop a server start their own)."""
     from tests.serving import RunningServer

@@ -9,29 +9,59 @@ import time
 import numpy as np
 import pytest
 
-from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError, QueueFullError
+from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.settings import ServerSettings
 
+pytestmark = pytest.mark.timeout(60)  # a caller left waiting by a broken batcher fails, not hangs
+
 
 class Recorder:
-    """A real run function (doubles its input) that records every batch it was given."""
+    """A real run function (doubles its input) that records every batch it was given.
 
-    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+    ``held``: each run waits until :meth:`release` (so a test knows a run is in progress and what is
+    queued behind it, with no sleeps); ``started`` is set when the first run begins.
+    """
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False, held: bool = False) -> None:
         self.batches: list[np.ndarray] = []
         self.delay_s = delay_s
         self.fail = fail
         self.started = threading.Event()
+        self._gate = threading.Event()
+        if not held:
+            self._gate.set()
+
+    def release(self) -> None:
+        """Let the held run, and every later one, go on."""
+        self._gate.set()
 
     def __call__(self, inputs):
         self.started.set()
         x = inputs["x"]
         self.batches.append(x.copy())
+        assert self._gate.wait(10), "the test never released the run"
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("model exploded")
         return {"y": x * 2}
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` on the loop until it holds (fails after ``timeout_s``)."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        await asyncio.sleep(0.001)
+
+
+async def running(rec: Recorder, b: DynamicBatcher, x: float) -> asyncio.Future:
+    """Submit one row and return once its run has started (held by ``rec``) in the executor."""
+    b.inline_below_s = b.inline_idle_below_s = 0.0  # a held run must leave the loop
+    call = asyncio.ensure_future(b.submit({"x": np.array([[x]])}))
+    await until(rec.started.is_set)
+    return call
 
 
 DEFAULTS = ServerSettings()
@@ -78,86 +108,125 @@ async def test_batch_over_maximum_and_empty_batch_are_invalid():
     await b.aclose()
 
 
-async def test_full_queue_is_refused_at_once():
-    rec = Recorder(delay_s=0.3)
+async def test_a_full_queue_holds_callers_back_in_order_and_answers_them_all():
+    rec = Recorder(held=True)
     b = await make(rec, max_batch_size=1, max_queue_size=2)
-    first = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}))
-    await asyncio.sleep(0.05)  # first is running now; the queue is empty
-    queued = [asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))})) for _ in range(2)]
-    await asyncio.sleep(0)
-    started = time.perf_counter()
-    with pytest.raises(QueueFullError, match="queue is full"):
-        await b.submit({"x": np.zeros((1, 1))})
-    assert time.perf_counter() - started < 0.05
-    await asyncio.gather(first, *queued)
+    first = await running(rec, b, 0.0)
+    rest = [asyncio.ensure_future(b.submit({"x": np.array([[float(i)]])})) for i in range(1, 6)]
+    await until(lambda: b.queued_items == 2)
+    for _ in range(20):  # however long the callers wait, the queue never holds more than its size
+        await asyncio.sleep(0)
+        assert b.queued_items == 2 and not any(f.done() for f in rest)
+    rec.release()
+    outs = await asyncio.gather(first, *rest)
+    assert [float(o["y"][0, 0]) for o in outs] == [2.0 * i for i in range(6)]
+    assert [float(batch[0, 0]) for batch in rec.batches] == [float(i) for i in range(6)]  # first come, first run
+    await b.aclose()
+
+
+async def test_a_caller_waiting_for_room_gives_up_at_its_deadline_and_never_runs():
+    rec = Recorder(held=True)
+    b = await make(rec, max_batch_size=1, max_queue_size=1)
+    loop = asyncio.get_running_loop()
+    first = await running(rec, b, 1.0)
+    queued = asyncio.ensure_future(b.submit({"x": np.array([[2.0]])}))
+    await until(lambda: b.queued_items == 1)
+    with pytest.raises(DeadlineExceededError, match=r"waiting for room in model 'm''s queue \(max_queue_size\)"):
+        await b.submit({"x": np.array([[7.0]])}, deadline=loop.time() + 0.05)
+    rec.release()
+    await asyncio.gather(first, queued)
+    await b.submit({"x": np.array([[3.0]])})  # the room it gave up is free again
+    assert [float(batch[0, 0]) for batch in rec.batches] == [1.0, 2.0, 3.0]
     await b.aclose()
 
 
 async def test_expired_work_is_dropped_before_compute():
-    rec = Recorder(delay_s=0.2)
+    rec = Recorder(held=True)
     b = await make(rec, max_batch_size=1)
     loop = asyncio.get_running_loop()
-    first = asyncio.ensure_future(b.submit({"x": np.array([[1.0]])}))
-    await asyncio.sleep(0.02)
-    with pytest.raises(DeadlineExceededError):
-        await b.submit({"x": np.array([[7.0]])}, deadline=loop.time() + 0.05)
+    first = await running(rec, b, 1.0)
+    deadline = loop.time() + 0.05
+    doomed = asyncio.ensure_future(b.submit({"x": np.array([[7.0]])}, deadline=deadline))
+    await until(lambda: loop.time() > deadline)  # queued behind the held run until past its deadline
+    rec.release()
+    with pytest.raises(DeadlineExceededError, match="deadline passed while queued"):
+        await doomed
     await first
-    await asyncio.sleep(0.05)
-    assert all(7.0 not in batch for batch in rec.batches)
+    await b.submit({"x": np.array([[3.0]])})
+    assert [float(batch[0, 0]) for batch in rec.batches] == [1.0, 3.0]
     await b.aclose()
 
 
 async def test_cancelled_work_is_dropped_before_compute():
-    rec = Recorder(delay_s=0.2)
+    rec = Recorder(held=True)
     b = await make(rec, max_batch_size=1)
-    first = asyncio.ensure_future(b.submit({"x": np.array([[1.0]])}))
-    await asyncio.sleep(0.02)
+    first = await running(rec, b, 1.0)
     doomed = asyncio.ensure_future(b.submit({"x": np.array([[9.0]])}))
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queued_items == 1)
     doomed.cancel()
+    rec.release()
     await first
     await b.submit({"x": np.array([[3.0]])})
-    assert all(9.0 not in batch for batch in rec.batches)
+    assert [float(batch[0, 0]) for batch in rec.batches] == [1.0, 3.0]
     await b.aclose()
 
 
-async def test_a_failing_batch_fails_every_caller_in_it():
-    b = await make(Recorder(fail=True), max_batch_size=8)
-    results = await asyncio.gather(*(b.submit({"x": np.zeros((1, 1))}) for _ in range(3)), return_exceptions=True)
+async def test_a_failing_batch_is_retried_caller_by_caller_and_fails_each():
+    rec = Recorder(fail=True, held=True)
+    b = await make(rec, max_batch_size=8)
+    first = await running(rec, b, 0.0)
+    rest = [asyncio.ensure_future(b.submit({"x": np.array([[float(i)]])})) for i in (1, 2, 3)]
+    await until(lambda: b.queued_items == 3)
+    rec.release()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+    # The three queued calls ran merged, then each alone: the model's failure reached each of them.
+    assert [batch[:, 0].tolist() for batch in rec.batches] == [[0.0], [1.0, 2.0, 3.0], [1.0], [2.0], [3.0]]
     await b.aclose()
 
 
 async def test_one_callers_bad_values_fail_only_that_caller_not_the_batch_it_shared():
+    rec = Recorder(held=True)
+
     def run(inputs):  # a real model would refuse such values (an index out of range, say)
         x = inputs["x"]
         if (x < 0).any():
+            rec.batches.append(x.copy())
             raise InvalidInputError("negative values")
-        return {"y": x * 2}
+        return rec(inputs)
 
     b = await make(run, max_batch_size=8)
+    first = await running(rec, b, 100.0)
     values = [np.full((1, 1), float(i)) for i in range(6)] + [np.full((1, 1), -1.0)]
-    results = await asyncio.gather(*(b.submit({"x": v}) for v in values), return_exceptions=True)
+    rest = [asyncio.ensure_future(b.submit({"x": v})) for v in values]
+    await until(lambda: b.queued_items == 7)
+    rec.release()
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    await first
     assert isinstance(results[-1], InvalidInputError)
     for v, out in zip(values[:-1], results[:-1], strict=True):
         assert np.array_equal(out["y"], v * 2)
-    assert b.batches_run == 6  # the merged batch failed, then each good request ran alone
+    # The seven ran merged and failed; then each ran alone, and only the bad one failed.
+    assert [batch[:, 0].tolist() for batch in rec.batches[1:]] == [
+        [v[0, 0] for v in values], *[[v[0, 0]] for v in values]]
     await b.aclose()
 
 
-async def test_closed_batcher_refuses_and_fails_queued_work():
-    rec = Recorder(delay_s=0.2)
-    b = await make(rec, max_batch_size=1)
-    running = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}))
-    await asyncio.sleep(0.02)
+async def test_closed_batcher_refuses_and_fails_queued_and_waiting_work():
+    rec = Recorder(held=True)
+    b = await make(rec, max_batch_size=1, max_queue_size=1)
+    first = await running(rec, b, 1.0)
     queued = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}))
-    await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}))  # no room: waits for it
+    await until(lambda: b.queued_items == 1)
     await b.aclose()
-    with pytest.raises(ModelNotReadyError):
-        await queued
+    for call in (queued, waiting):
+        with pytest.raises(ModelNotReadyError):
+            await call
     with pytest.raises(ModelNotReadyError):
         await b.submit({"x": np.zeros((1, 1))})
-    running.cancel()
+    rec.release()
+    first.cancel()
 
 
 async def test_tiny_models_run_on_the_loop_and_slow_ones_in_the_executor():

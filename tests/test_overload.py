@@ -1,4 +1,4 @@
-"""Overload control: the door's rule, a saturated server's answers, and the client's back-off."""
+"""Overload control: the door's two rules, a saturated server's answers, and the client's back-off."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fusionserve.client import FusionClient
+from fusionserve.errors import DeadlineExceededError
 from fusionserve.server.admission import (
     INTERVAL_S,
     MAX_PUSHBACK_S,
+    MIN_PUSHBACK_S,
     RECENT_S,
     SAMPLE_S,
     Admission,
@@ -97,8 +99,63 @@ def test_a_zero_target_admits_everything():
         pass
 
 
-def _flood(target: str, n: int, side: int = SLOW) -> list[tuple[str, float, tuple]]:
-    """``n`` one-item calls, 32 at a time, without retries: (code, seconds, trailing metadata) of each."""
+def test_the_default_door_has_no_queue_delay_rule():
+    door = Admission(clock=Clock())
+    assert door.target_s == 0 and door.limit is None
+
+
+def test_a_call_whose_deadline_cannot_be_met_is_refused_and_one_that_can_is_admitted():
+    door, clock = measured(target_s=0.0, items_per_s=1000)  # no queue-delay rule: only deadlines refuse
+    assert door.service_s == pytest.approx(SAMPLE_S)  # the measuring call found the server idle
+    door.service_s = 0.002  # as if lone calls took 2 ms
+    with door.admit(100):  # 100 items ahead: 100 ms to drain, then at least the 2 ms of a lone call
+        assert door.predicted_s(1) == pytest.approx(0.102)
+        with pytest.raises(OverloadedError) as info:
+            with door.admit(1, timeout_s=0.05):
+                pass
+        error = info.value
+        assert error.reason == "deadline" and "server busy" in str(error)
+        assert "in about 102 ms, after its deadline (50 ms from now)" in str(error)
+        assert MIN_PUSHBACK_S <= error.retry_after_s <= MAX_PUSHBACK_S
+        with door.admit(1, timeout_s=0.2):  # its deadline allows the wait
+            assert door.inflight == 101
+        with door.admit(32, timeout_s=0.2):  # its own 32 items at the busy rate count too
+            assert door.predicted_s(32) == pytest.approx(0.1 + 0.032 + 0.032)
+        with pytest.raises(OverloadedError):
+            with door.admit(150, timeout_s=0.2):  # 100 ms ahead + 150 ms of its own
+                pass
+        with door.admit(1):  # no deadline: never refused by this rule, however deep the queue
+            pass
+        for _ in range(100):  # the rule does not harden: every call is judged on its own deadline
+            with door.admit(1, timeout_s=0.2):
+                pass
+    assert door.inflight == 0
+
+
+def test_a_call_into_an_idle_server_is_admitted_whatever_its_deadline_unless_it_has_passed():
+    door, _ = measured(target_s=0.0, items_per_s=10)  # a slow server: 100 ms an item
+    with door.admit(1, timeout_s=0.001):  # nothing ahead of it: this is its best chance
+        pass
+    with pytest.raises(DeadlineExceededError, match="deadline passed before it could start"):
+        with door.admit(1, timeout_s=0.0):
+            pass
+
+
+def test_a_lone_calls_time_is_measured_and_calls_amid_others_do_not_change_it():
+    clock = Clock()
+    door = Admission(clock=clock)
+    with door.admit(1):
+        clock.now += 0.004
+    assert door.service_s == pytest.approx(0.004)
+    with door.admit(1):
+        clock.now += 0.001
+        with door.admit(1):  # not lone: its time says nothing of a lone call's
+            clock.now += 1.0
+    assert door.service_s == pytest.approx(0.7 * 0.004 + 0.3 * 1.001)
+
+
+def _flood(target: str, n: int, side: int = SLOW, callers: int = 32) -> list[tuple[str, float, tuple]]:
+    """``n`` one-item calls, ``callers`` at a time, without retries: (code, seconds, trailing metadata) of each."""
     channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
     stub = pb_grpc.FusionServiceStub(channel)
     png = _png(side)
@@ -111,7 +168,7 @@ def _flood(target: str, n: int, side: int = SLOW) -> list[tuple[str, float, tupl
         except grpc.RpcError as e:
             return e.code().name, time.perf_counter() - started, tuple(e.trailing_metadata() or ())
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with concurrent.futures.ThreadPoolExecutor(callers) as pool:
         return list(pool.map(call, range(n)))
 
 
@@ -125,9 +182,9 @@ def _png(side: int = 32) -> bytes:
 
 
 def test_a_saturated_server_refuses_with_pushback_and_stays_healthy(repository):
-    # Batches of one item, and images that take tens of ms each to decode: 32 callers make a queue
-    # of about half a second, ten times the default target (the cache off: every call decodes).
-    with RunningServer(repository, max_batch_size=1, embedding_cache_mb=0) as srv:
+    # The queue-delay rule on (50 ms). Batches of one item, and images that take tens of ms each to
+    # decode: 32 callers make a queue of about half a second (the cache off: every call decodes).
+    with RunningServer(repository, max_batch_size=1, embedding_cache_mb=0, queue_delay_target_ms=50) as srv:
         _flood(srv.target, 32)  # the door measures the capacity
         shed_before = _shed(srv)
         health = health_pb2_grpc.HealthStub(srv.channel())
@@ -146,14 +203,15 @@ def test_a_saturated_server_refuses_with_pushback_and_stays_healthy(repository):
         assert _shed(srv) - shed_before == codes.count("RESOURCE_EXHAUSTED")
 
 
-def _shed(srv: RunningServer) -> float:
-    value = srv.server.metrics.registry.get_sample_value("fusionserve_shed_requests_total", {"reason": "queue_delay"})
+def _shed(srv: RunningServer, reason: str = "queue_delay") -> float:
+    value = srv.server.metrics.registry.get_sample_value("fusionserve_shed_requests_total", {"reason": reason})
     return value or 0.0
 
 
 def test_a_stream_under_overload_gets_in_band_refusals_and_lives_on(repository):
-    # Batches of one item, slow images, 64 requests of one stream in flight: a standing queue.
-    with RunningServer(repository, max_batch_size=1, max_stream_inflight=64, embedding_cache_mb=0) as srv:
+    # The queue-delay rule on; batches of one item, slow images, 64 requests of one stream in flight.
+    with RunningServer(repository, max_batch_size=1, max_stream_inflight=64, embedding_cache_mb=0,
+                       queue_delay_target_ms=50) as srv:  # fmt: skip
         _flood(srv.target, 32)
         stub = pb_grpc.FusionServiceStub(srv.channel())
         item = pb.Item(image=_png(SLOW), text="a red square")
@@ -218,9 +276,21 @@ def test_a_request_over_the_message_limit_fails_at_once_in_the_client():
     assert servicer.arrivals == []
 
 
+def test_calls_that_arrive_while_the_loop_stands_still_wait_and_are_all_answered(repository):
+    # The defaults: 256 callers send while the event loop stands still for a second; gRPC holds their
+    # calls until the loop takes them up, and every one is answered (never CANCELLED, never refused).
+    with RunningServer(repository) as srv:
+        blocked = threading.Event()
+        srv.loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(1.0)))
+        blocked.wait()
+        results = _flood(srv.target, 512, 32, callers=256)
+    assert [code for code, _, _ in results] == ["OK"] * 512
+
+
 def test_calls_grpc_sheds_from_its_accept_queue_are_counted(repository):
-    # The event loop stands still while 40 calls arrive: gRPC holds 8 and sheds the rest (CANCELLED)
-    # before any code of ours sees them; its own count of calls received still has them all.
+    # A short accept queue (the default is far longer): the event loop stands still while 40 calls
+    # arrive; gRPC holds 8 and sheds the rest (CANCELLED, gRPC's code, which is why the default is
+    # long) before any code of ours sees them; its own count of calls received still has them all.
     with RunningServer(repository, max_pending_rpcs=8) as srv:
         def received() -> float:
             value = srv.server.metrics.registry.get_sample_value("fusionserve_grpc_calls_received")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
@@ -21,6 +22,7 @@ from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preproc
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from tests.device import ATOL, PROVIDER, reference_session
+from tests.processes import ServerProcess, wait_until
 from tests.serving import RunningServer
 
 
@@ -68,41 +70,42 @@ def test_classify_accepts_jpeg_and_bmp_of_other_sizes(stub, samples):
 
 
 @pytest.fixture(scope="module")
-def heavy_repository(tmp_path_factory):
-    """Tiny graphs over 256×256 images: an image-encoder run takes about 0.2 ms per item, not 0.02 ms,
-    and leaves the event loop for the executor, so calls that arrive meanwhile wait in the queue, on
-    any machine (with the 64×64 graphs, runs are so short that whether calls meet is chance)."""
-    from tests import tiny_repository
-
-    return tiny_repository.build(tmp_path_factory.mktemp("heavy") / "repo", image_size=(256, 256))
-
-
-@pytest.fixture(scope="module")
 def uncached(heavy_repository):
     """A server with the embedding cache off: every item reaches the encoders (and their counters)."""
     with RunningServer(heavy_repository, embedding_cache_mb=0) as running:
         yield running
 
 
-def test_concurrent_unary_callers_each_get_their_own_answer(uncached, samples):
-    server, stub = uncached, pb_grpc.FusionServiceStub(uncached.channel())
-    expected = {i: list(stub.Classify(request([samples[i]])).results[0].probabilities) for i in range(64)}
-    before = server.server.core.registry.find("image_encoder").batcher
-    batches_before, items_before = before.batches_run, before.items_run
+async def _classify_rounds(target: str, samples, calls: range, together: int) -> list[tuple[int, list[float]]]:
+    """One-item Classify calls ``i`` (sample ``i % 64``), sent ``together`` at a time; (i, probabilities) each."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.FusionServiceStub(channel)
 
-    def call(i: int):
-        return i, list(stub.Classify(request([samples[i % 64]])).results[0].probabilities)
+        async def call(i: int) -> tuple[int, list[float]]:
+            reply = await stub.Classify(request([samples[i % 64]]), timeout=30)
+            return i, list(reply.results[0].probabilities)
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(call, range(320)))
+        answers = []
+        for start in range(calls.start, calls.stop, together):
+            answers += await asyncio.gather(*(call(i) for i in range(start, min(start + together, calls.stop))))
+        return answers
+
+
+def test_concurrent_unary_callers_each_get_their_own_answer(heavy_repository, samples):
+    # A server process of its own (no GIL shared with the callers), the cache off (every item reaches
+    # the image encoder), and callers that send together: 10 rounds of 32 concurrent one-item calls.
+    with ServerProcess(heavy_repository, "--embedding-cache-mb", "0", metrics_port=0) as server:
+        expected = dict(asyncio.run(_classify_rounds(server.target, samples, range(64), together=1)))
+        before = server.histogram("fusionserve_batch_size")["image_encoder"]
+        results = asyncio.run(_classify_rounds(server.target, samples, range(320), together=32))
+        after = server.histogram("fusionserve_batch_size")["image_encoder"]
     for i, probs in results:
         assert np.allclose(probs, expected[i % 64], atol=ATOL), f"call {i} got another caller's answer"
-    batches = before.batches_run - batches_before
-    items = before.items_run - items_before
-    assert items == 320
-    print(f"32 callers: 320 items in {batches} image-encoder runs ({items / batches:.1f} per run)")
-    # 32 callers wait on 1-item calls: runs must merge calls as a rule, not the odd pair.
-    assert items / batches >= 2, f"{batches} runs for 320 items: hardly any batching under 32 callers"
+    items, batches = after[0] - before[0], after[1] - before[1]
+    assert items == 320 and len(results) == 320
+    print(f"32 callers: 320 items in {batches:.0f} image-encoder runs ({items / batches:.1f} per run)")
+    # 32 calls sent together: runs must merge calls as a rule, not the odd pair.
+    assert items / batches >= 2, f"{batches:.0f} runs for 320 items: hardly any batching under 32 callers"
 
 
 def test_stream_of_10000_items_loses_duplicates_and_mixes_nothing(stub, samples):
@@ -197,31 +200,35 @@ def test_decompression_bomb_is_refused_from_the_header(stub, samples):
     assert "50000x50000 pixels" in info.value.details()
 
 
-def test_work_whose_deadline_passes_in_the_queue_is_never_computed(repository, samples):
-    """A call waiting behind a slow run gets DEADLINE_EXCEEDED, and its rows are dropped, not run late."""
-    with RunningServer(repository, metrics_port=-1) as srv:
-        batcher = srv.server.core.registry.find("image_encoder").batcher
-        run, running = batcher._run, threading.Event()
+def _gauge(srv: RunningServer, name: str, **labels: str) -> float:
+    return srv.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
-        def slow(inputs):  # the model itself, made slow for the first call's run
-            running.set()
-            time.sleep(0.5)
-            return run(inputs)
 
-        batcher._run = slow
-        batcher.inline_below_s = batcher.inline_idle_below_s = 0.0  # runs in the executor: the loop stays free
+def test_a_call_whose_deadline_cannot_be_met_is_refused_at_once_and_never_computed(heavy_repository, samples):
+    """Behind a 64-item call, a call with 30 ms left is refused before any work; one with time to wait is served."""
+    with RunningServer(heavy_repository, embedding_cache_mb=0) as srv:
         stub = pb_grpc.FusionServiceStub(srv.channel())
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(stub.Classify, request(samples[:1]), timeout=10)
-            assert running.wait(5)
-            rows_before = batcher.items_run
+        big = request([samples[i] for i in range(64)])
+        stub.Classify(big, timeout=60)  # the door measures the capacity and a lone call's time
+        assert _gauge(srv, "fusionserve_admission_capacity_items_per_second") > 0
+        items = ("fusionserve_items_total", {"model": "image_encoder"})
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(stub.Classify, big, timeout=60)
+            assert wait_until(lambda: _gauge(srv, "fusionserve_inflight_requests", model="multimodal") == 1, 10)
+            computed = _gauge(srv, *items[:1], **items[1])
+            started = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
-                stub.Classify(request(samples[1:3]), timeout=0.1)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert first.result().results[0].label in ("match", "mismatch")
-        batcher._run = run
-        stub.Classify(request(samples[3:4]), timeout=10)  # runs after anything still queued
-        assert batcher.items_run - rows_before == 2, "the expired call's 2 rows were computed anyway"
+                stub.Classify(request(samples[64:66]), timeout=0.03)
+            refused_after_s = time.monotonic() - started
+            patient = pool.submit(stub.Classify, request(samples[66:68]), timeout=60)
+            assert len(first.result().results) == 64 and len(patient.result().results) == 2
+    error = info.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert "server busy" in error.details() and "after its deadline" in error.details()
+    assert 1 <= int(dict(error.trailing_metadata())["grpc-retry-pushback-ms"]) <= 1000
+    assert refused_after_s < 0.03  # at once: not after waiting out its deadline
+    assert _gauge(srv, *items[:1], **items[1]) - computed == 64 + 2  # the refused call's 2 items never ran
+    assert _gauge(srv, "fusionserve_shed_requests_total", reason="deadline") == 1
 
 
 def test_embed_returns_each_encoders_features(stub, samples, repository):
@@ -305,28 +312,35 @@ def test_metrics_count_what_was_served(uncached, samples):
     assert after[("fusionserve_inflight_requests", (("model", "multimodal"),))] == 0
 
 
-@pytest.mark.parametrize(
-    "limit, refusal",
-    [({"max_queue_size": 8}, "queue is full (8 of 8 items)"),
-     ({"max_pipeline_items": 16}, "pipeline is at capacity")],
-)  # fmt: skip
-def test_full_queue_answers_resource_exhausted(heavy_repository, samples, limit, refusal):
-    # Overload control off: these limits, not the door, must refuse.
-    with RunningServer(heavy_repository, metrics_port=-1, queue_delay_target_ms=0, **limit) as srv:
+@pytest.mark.parametrize("limit, bound", [({"max_queue_size": 8}, 8), ({"max_pipeline_items": 16}, 16)])
+def test_a_full_queue_or_pipeline_holds_callers_back_and_answers_them_all(heavy_repository, samples, limit, bound):
+    # 24 callers of 8 items each (192 items) against a bound of 8 or 16: callers wait for room, none is
+    # refused, and the image encoder's queue never holds more than the bound.
+    with RunningServer(heavy_repository, metrics_port=-1, embedding_cache_mb=0, **limit) as srv:
         stub = pb_grpc.FusionServiceStub(srv.channel())
+        done, queued = threading.Event(), []
 
-        def call(i):
+        def watch() -> None:
+            while not done.is_set():
+                queued.append(_gauge(srv, "fusionserve_queued_items", model="image_encoder"))
+                time.sleep(0.001)
+
+        def call(i: int) -> str:
             try:
-                stub.Classify(request(samples[:8]))
-                return "OK"
+                return f"{len(stub.Classify(request(samples[8 * i : 8 * i + 8]), timeout=60).results)}"
             except grpc.RpcError as e:
                 return f"{e.code().name}: {e.details()}"
 
-        with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            answers = list(pool.map(call, range(96)))
-        refused = [a for a in answers if a != "OK"]
-        assert refused and len(refused) < len(answers), answers
-        assert all(a.startswith("RESOURCE_EXHAUSTED: ") and refusal in a for a in refused), set(refused)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:
+                answers = list(pool.map(call, range(24)))
+        finally:
+            done.set()
+            watcher.join()
+    assert answers == ["8"] * 24, set(answers)
+    assert max(queued) > 0 and max(queued) <= bound, max(queued)
 
 
 def test_message_over_the_limit_is_refused(repository, samples):
@@ -373,18 +387,25 @@ def test_shutdown_drains_in_flight_work_and_refuses_new_calls(repository, sample
 
 
 def test_health_goes_not_serving_while_draining(repository):
-    srv = RunningServer(repository, metrics_port=-1)
-    health = health_pb2_grpc.HealthStub(srv.channel())
-    srv.call(srv.server._publish_health())
-    srv.server.core.begin_drain()
-    srv.call(srv.server._publish_health())
-    status = health.Check(health_pb2.HealthCheckRequest(service="")).status
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    stub = pb_grpc.FusionServiceStub(srv.channel())
+    # A drain delay of 2 s: health is NOT_SERVING and new calls are UNAVAILABLE for all of it.
+    srv = RunningServer(repository, metrics_port=-1, drain_delay_s=2)
+    channel = srv.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = pb_grpc.FusionServiceStub(channel)
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    assert stub.Classify(request([(png, "a")])).results
+    stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(10), srv.loop)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service="")).status != serving, 10)
+    for service in ("", "fusionserve.v1.FusionService", "multimodal"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING, service
     with pytest.raises(grpc.RpcError) as info:
-        stub.Classify(request([(encode_png(np.zeros((8, 8, 3), np.uint8)), "a")]))
+        stub.Classify(request([(png, "a")]))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
-    srv.stop()
+    assert not stopping.done()  # still within the drain delay
+    stopping.result(30)
+    srv.stop()  # the loop (the server has stopped already)
 
 
 def test_corrupted_model_fails_alone_and_its_pipeline_is_unavailable(repository, tmp_path, samples):
@@ -512,24 +533,33 @@ def test_a_stream_runs_at_most_max_stream_inflight_requests_at_once(repository, 
     assert max(_rows_per_run_of_one_stream(repository, samples, inflight=8)) > 2  # the window is what limits
 
 
-def test_calls_over_max_concurrent_rpcs_are_resource_exhausted(repository, samples):
-    with RunningServer(repository, metrics_port=-1, max_concurrent_rpcs=2) as srv:
-        batcher = srv.server.core.registry.find("image_encoder").batcher
-        run = batcher._run
-        batcher._run = lambda inputs: (time.sleep(0.3), run(inputs))[1]  # the model, slowed: calls overlap
-        batcher.inline_below_s = batcher.inline_idle_below_s = 0.0
-        stub = pb_grpc.FusionServiceStub(srv.channel())
+def test_calls_over_max_concurrent_rpcs_are_refused_with_pushback_and_health_is_exempt(repository, samples):
+    with RunningServer(repository, max_concurrent_rpcs=2) as srv:
+        channel = srv.channel()
+        stub = pb_grpc.FusionServiceStub(channel)
+        closing = [threading.Event(), threading.Event()]
 
-        def call(n: int) -> str:
-            try:
-                stub.Classify(request([samples[n]]), timeout=20)
-                return "OK"
-            except grpc.RpcError as e:
-                return e.code().name
+        def held(close: threading.Event):  # an open stream holds one place until it is closed
+            yield request([samples[0]], request_id="0")
+            close.wait(30)
 
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            codes = sorted(pool.map(call, range(6)))
-    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 2, codes
+        streams = [stub.ClassifyStream(held(close), timeout=60) for close in closing]
+        for open_stream in streams:
+            assert next(open_stream).request_id == "0"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request(samples[:1]), timeout=10)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        closing[0].set()
+        assert list(streams[0]) == []
+        assert stub.Classify(request(samples[:1]), timeout=10).results  # a place is free again
+        closing[1].set()
+        assert list(streams[1]) == []
+        refused = _gauge(srv, "fusionserve_shed_requests_total", reason="calls")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many calls in flight (max_concurrent_rpcs 2)" in info.value.details()
+    assert 1 <= int(dict(info.value.trailing_metadata())["grpc-retry-pushback-ms"]) <= 1000
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert refused == 1
 
 
 def test_connections_recycled_for_their_age_keep_serving(repository, samples):

@@ -51,8 +51,11 @@ def _model(nodes, inputs, outputs, initializers, name: str) -> onnx.ModelProto:
     return model
 
 
-def image_encoder(rng: np.random.Generator, height: int, width: int) -> onnx.ModelProto:
-    """``image`` float [N, H, W, 3] (BGR in [0, 1]) → ``image_features`` [N, FEATURES]."""
+def image_encoder(rng: np.random.Generator, height: int, width: int, channels: int = HIDDEN) -> onnx.ModelProto:
+    """``image`` float [N, H, W, 3] (BGR in [0, 1]) → ``image_features`` [N, FEATURES].
+
+    ``channels``: the convolution's output channels (more make each item cost more to run).
+    """
     nodes = [
         helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Conv", ["nchw", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], strides=[2, 2]),
@@ -63,9 +66,9 @@ def image_encoder(rng: np.random.Generator, height: int, width: int) -> onnx.Mod
         helper.make_node("Add", ["dense", "dense_b"], ["image_features"]),
     ]
     inits = [
-        _init(rng, "conv_w", HIDDEN, 3, 3, 3),
-        _init(rng, "conv_b", HIDDEN, gain=0.1),
-        _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["image"]),
+        _init(rng, "conv_w", channels, 3, 3, 3),
+        _init(rng, "conv_b", channels, gain=0.1),
+        _init(rng, "dense_w", channels, FEATURES, gain=GAINS["image"]),
         _init(rng, "dense_b", FEATURES, gain=0.1),
     ]
     return _model(
@@ -149,6 +152,7 @@ def build(
     repository: Path,
     *,
     image_size: tuple[int, int] = (64, 64),
+    image_channels: int = HIDDEN,
     max_length: int = 100,
     vocabulary_size: int = 10_000,
     max_batch_size: int = 64,
@@ -164,7 +168,8 @@ def build(
     ``tensors`` renames tensors (``image``, ``image_features``, ``tokens``, ``text_features``,
     ``probabilities``) and ``models`` names the models of the roles (``image_encoder``,
     ``text_encoder``, ``fusion``); the pipeline config says which is which. ``seed`` draws the weights
-    (another seed, other answers); ``version`` numbers every model.
+    (another seed, other answers); ``version`` numbers every model; ``image_channels`` sets how much
+    an image-encoder run costs per item.
     """
     repository = Path(repository)
     rng = np.random.default_rng(seed)
@@ -178,7 +183,7 @@ def build(
     text_spec = {"type": "text", "max_length": max_length, "padding": padding, "truncating": padding,
                  "vocabulary_file": "vocab.json"}  # fmt: skip
     plans = [
-        (m["image_encoder"], image_encoder(rng, height, width),
+        (m["image_encoder"], image_encoder(rng, height, width, image_channels),
          [TensorSpec(t["image"], "FP32", (-1, height, width, 3))],
          [TensorSpec(t["image_features"], "FP32", (-1, FEATURES))], image_spec),
         (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length),
