@@ -3,9 +3,10 @@
 1. Start ``fusionserve serve`` with its defaults, except ``--embedding-cache-mb 0``: every item is
    decoded and encoded, as new inputs would be (the load generator cycles over a few hundred).
 2. Capacity, per API: closed loop, one-item unary calls, 32 callers.
-3. For each API (typed unary ``Classify``, V2 ``ModelInfer``) and each multiple of the capacity
-   (default 0.5, 1, 1.5, 2, 4, 10): open loop for ``--duration-s``, then a pause for the queues to
-   empty. Reports goodput (OK answers per second) and its share of the capacity, admitted p50/p99
+3. For each API (typed unary ``Classify``, V2 ``ModelInfer``), each caller deadline (``--deadlines-ms``,
+   default 100 ms and none: 0 stands for a 60 s deadline, which no call comes near) and each multiple
+   of the capacity (default 0.5, 1, 2, 4): open loop for ``--duration-s``, then a pause for the queues
+   to empty. Reports goodput (OK answers per second) and its share of the capacity, admitted p50/p99
    (OK answers, from the intended send time), the p99 of refused calls, the status codes, the
    client's send lag (above a few ms the load generator, which shares the cores, is the limit),
    the server's shed counts by reason, its resident memory, its CPU (cores, of which gRPC core's
@@ -17,12 +18,12 @@
    how the calls ended: retries wait for the server's pushback, or back off, and stop under the
    retry throttling, so attempts stay near 1× the offered calls.
 
-    python bench/overload.py [--multiples 0.5,1,1.5,2,4,10] [--duration-s 5] [--apis typed,v2]
+    python bench/overload.py [--multiples 0.5,1,2,4] [--deadlines-ms 100,0] [--duration-s 5] [--apis typed,v2]
                              [--repository REPO] [--image-side 64] [--server-arg=--workers=2 ...]
                              [--pin SERVER_CPUS:CLIENT_CPUS] [--smoke]
 
-``--image-side 600`` makes decoding (in threads, off the event loop) the limit instead of the loop:
-that is where overload control's own refusals (RESOURCE_EXHAUSTED) come in. Writes
+``--image-side 600`` makes decoding (in threads, off the event loop) the limit instead of the loop.
+Writes
 ``bench/results/overload[-smoke].json`` and a plot beside it (docs/img/overload*.png are copies of
 full runs'). The server and the load generator share the machine's cores: at high multiples the
 load generator takes CPU the server needs, and past what it can send, its send lag says so
@@ -49,7 +50,9 @@ from fusionserve.client import AsyncFusionClient, FusionClientError
 from fusionserve.client.loadgen import LoadSettings, run
 
 SHED = "fusionserve_shed_requests_total"
-REASONS = ("queue_delay", "pipeline_full", "queue_full", "streams")
+REASONS = ("deadline", "queue_delay", "calls", "streams")
+NO_DEADLINE_S = 60.0
+"""The deadline of a run "without one" (``--deadlines-ms 0``): far beyond any wait in a few seconds' run."""
 PROBE = """
 import json, sys, time, urllib.request
 import grpc
@@ -148,8 +151,8 @@ def _pids(server: ServerProcess) -> list[int]:
 
 
 def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, rate: float, duration_s: float,
-              probe: bool) -> dict[str, Any]:  # fmt: skip
-    """One open-loop run at ``rate``; its figures."""
+              probe: bool, deadline_s: float = NO_DEADLINE_S) -> dict[str, Any]:  # fmt: skip
+    """One open-loop run at ``rate``, each call with ``deadline_s``; its figures."""
     prober = None
     if probe:
         command = [sys.executable, "-c", PROBE, server.target, str(duration_s), str(server.metrics_url)]
@@ -158,7 +161,7 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
     server_cpu, client_cpu, wall = _server_cpu_s(server), _own_cpu_s(), time.monotonic()
     grpc_cpu = _grpc_threads_cpu_s(server)
     s = LoadSettings(target=[server.target], api=api, rate=rate, duration_s=duration_s, warmup_s=0.5,
-                     timeout_s=10.0, connections=4, progress=False)  # fmt: skip
+                     timeout_s=deadline_s, connections=4, progress=False)  # fmt: skip
     report = run(s, items)
     wall = time.monotonic() - wall
     server_cores = (_server_cpu_s(server) - server_cpu) / wall
@@ -169,10 +172,12 @@ def open_loop(server: ServerProcess, items: list[tuple[bytes, str]], api: str, r
     ok = report.samples["ok"]
     row: dict[str, Any] = {
         "api": api,
+        "deadline_ms": deadline_s * 1000 if deadline_s != NO_DEADLINE_S else None,
         "offered_per_s": rate,
         "goodput_per_s": r["requests_per_s"],
         "admitted_p50_ms": _pct(latency_ms[ok], 50),
         "admitted_p99_ms": _pct(latency_ms[ok], 99),
+        "admitted_max_ms": float(latency_ms[ok].max()) if ok.any() else float("nan"),
         "service_p99_ms": r.get("service_latency_ms", {}).get("p99", float("nan")),
         "refused_p99_ms": _pct(latency_ms[~ok], 99),
         "codes": {"OK": int(ok.sum()), **r["errors"]},
@@ -241,11 +246,12 @@ def plot(rows: list[dict[str, Any]], capacities: dict[str, float], name: str) ->
     if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for api in sorted({r["api"] for r in rows}):
-        mine = [r for r in rows if r["api"] == api]
+    for api, deadline in sorted({(r["api"], r["deadline_ms"] or 0) for r in rows}):
+        mine = [r for r in rows if r["api"] == api and (r["deadline_ms"] or 0) == deadline]
         x = [r["multiple"] for r in mine]
-        left.plot(x, [r["goodput_share"] for r in mine], marker="o", label=api)
-        right.plot(x, [r["admitted_p99_ms"] for r in mine], marker="o", label=api)
+        label = f"{api}, deadline {deadline:.0f} ms" if deadline else f"{api}, no deadline"
+        left.plot(x, [r["goodput_share"] for r in mine], marker="o", label=label)
+        right.plot(x, [r["admitted_p99_ms"] for r in mine], marker="o", label=label)
     left.set(xlabel="offered load (× capacity)", ylabel="goodput (× capacity)", xscale="log", ylim=(0, 1.3))
     right.set(xlabel="offered load (× capacity)", ylabel="admitted p99 (ms)", xscale="log", yscale="log")
     left.axhline(0.9, color="grey", linestyle=":")
@@ -259,7 +265,8 @@ def plot(rows: list[dict[str, Any]], capacities: dict[str, float], name: str) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--multiples", default="0.5,1,1.5,2,4,10", help="offered loads, as multiples of the capacity")
+    p.add_argument("--multiples", default="0.5,1,2,4", help="offered loads, as multiples of the capacity")
+    p.add_argument("--deadlines-ms", default="100,0", help="each call's deadline; 0: none (a 60 s deadline)")
     p.add_argument("--duration-s", type=float, default=5.0, help="seconds per load")
     p.add_argument("--apis", default="typed,v2", help="typed and/or v2")
     p.add_argument("--repository", help="model repository (default: the bench's small one)")
@@ -272,6 +279,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="seconds-long run for CI (1× and 4×, typed only)")
     args = p.parse_args()
     multiples = [1.0, 4.0] if args.smoke else [float(m) for m in args.multiples.split(",")]
+    deadlines_s = [float(d) / 1000 or NO_DEADLINE_S for d in args.deadlines_ms.split(",")]
     apis = ["typed"] if args.smoke else args.apis.split(",")
     duration_s = 1.0 if args.smoke else args.duration_s
     repo = repository(args.repository, smoke=args.smoke)
@@ -295,21 +303,22 @@ def main() -> int:
             capacity_cores[api] = cores
             print(f"capacity, {api}: {capacities[api]:.0f} req/s (closed loop, 32 callers, unary, 1 item; "
                   f"server {cores:.2f} cores)")  # fmt: skip
-        print(f"{'api':6} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'/core':>6} {'adm p50':>8} "
-              f"{'adm p99':>8} "
+        print(f"{'api':6} {'deadline':>8} {'offered':>8} {'×':>5} {'goodput':>8} {'share':>6} {'/core':>6} "
+              f"{'adm p50':>8} {'adm p99':>8} "
               f"{'shed p99':>8} {'lag p99':>8} {'health/list/metrics p99':>23} {'RSS MB':>7} {'cores s (grpc)/c':>16}  "
               "codes")  # fmt: skip
         for api in apis:
             capacity = capacities[api]
-            for m in multiples:
-                row = open_loop(server, items, api, m * capacity, duration_s, probe=True)
+            for deadline_s, m in ((d, m) for d in deadlines_s for m in multiples):
+                row = open_loop(server, items, api, m * capacity, duration_s, probe=True, deadline_s=deadline_s)
                 row["multiple"] = m
                 row["goodput_share"] = row["goodput_per_s"] / capacity
                 # The same per core-second the server got: on a shared machine its CPU varies from
                 # run to run, and this compares what it did with the CPU it had.
                 row["goodput_share_per_core"] = row["goodput_share"] * capacity_cores[api] / row["server_cores"]
                 rows.append(row)
-                print(f"{api:6} {row['offered_per_s']:8.0f} {m:5.1f} {row['goodput_per_s']:8.0f} "
+                deadline = f"{row['deadline_ms']:.0f} ms" if row["deadline_ms"] else "none"
+                print(f"{api:6} {deadline:>8} {row['offered_per_s']:8.0f} {m:5.1f} {row['goodput_per_s']:8.0f} "
                       f"{row['goodput_share']:6.2f} {row['goodput_share_per_core']:6.2f} "
                       f"{row['admitted_p50_ms']:8.1f} {row['admitted_p99_ms']:8.1f} "
                       f"{row['refused_p99_ms']:8.1f} {row['send_lag_p99_ms']:8.1f} "

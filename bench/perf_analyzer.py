@@ -7,14 +7,21 @@ binary ships in the tritonclient 2.41.1 wheel (the perf-analyzer package on PyPI
 it loads libcudart (no GPU is used) and needs libb64:
 
     apt-get install -y libb64-0d          # once, as root
-    python bench/perf_analyzer.py [--models image_encoder multimodal] [--concurrency 1 8] [--streaming]
-                                  [--window-ms 3000] [--repository REPO] [--perf-analyzer PATH] [--smoke]
+    python bench/perf_analyzer.py [--models image_encoder multimodal] [--concurrency 1 8]
+                                  [--apis unary stream] [--workers 1 2] [--server-arg=--FLAG=VALUE ...]
+                                  [--window-ms 3000] [--stability-percentage 10]
+                                  [--repository REPO] [--perf-analyzer PATH] [--smoke]
 
 The first run installs tritonclient (without its dependencies) and the CUDA runtime library into
 bench/results/perf-venv. For ``multimodal`` it writes an --input-data file of real PNG images and
 captions (IMAGE as base64 of the BYTES wire form: a 4-byte little-endian length, then the bytes).
 Prints one row per model and concurrency: client throughput and latency percentiles, and the
-server-side split perf_analyzer reads from ModelStatistics (queue, compute). ``--smoke``: multimodal
+server-side split perf_analyzer reads from ModelStatistics (queue, compute). ``--apis`` runs ModelInfer
+(``unary``) and/or ModelStreamInfer (``stream``) in one run, ``--workers`` one server per worker count
+(default settings otherwise, unless ``--server-arg`` says), so a closed-loop sweep such as
+``--models multimodal --concurrency 32 128 512 1024 --apis unary stream --workers 1 2`` shows what
+callers get at each size: every run that ends in an error (perf_analyzer stops at the first failed
+call) is a FAILED row naming it, and the bench exits 1. ``--smoke``: multimodal
 at concurrency 1, 1 s windows, for CI; where perf_analyzer cannot be installed or cannot run (libb64
 missing) it says why and exits 0, but a perf_analyzer run that fails against the server fails it.
 Writes ``bench/results/perf_analyzer[-smoke].json``.
@@ -88,19 +95,21 @@ def input_data(path: Path, n: int = 16) -> Path:
 
 
 def run_one(
-    binary: Path, env: dict[str, str], target: str, model: str, concurrency: int, args: argparse.Namespace, data: Path
+    binary: Path, env: dict[str, str], target: str, model: str, concurrency: int, args: argparse.Namespace, data: Path,
+    api: str = "unary",
 ) -> dict[str, Any]:
     """One perf_analyzer run at one concurrency; its CSV row (latencies in µs) and its exit status."""
     csv_path = RESULTS / f"perf_analyzer-{model}-c{concurrency}.csv"
     cmd = [str(binary), "-m", model, "-u", target, "-i", "grpc", "--concurrency-range", f"{concurrency}:{concurrency}",
-           "--measurement-interval", str(args.window_ms), "-f", str(csv_path)]  # fmt: skip
+           "--measurement-interval", str(args.window_ms), "-s", str(args.stability_percentage),
+           "-f", str(csv_path)]  # fmt: skip
     if model == "multimodal":
         cmd += ["--input-data", str(data)]
-    if args.streaming:
+    if api == "stream":
         cmd.append("--streaming")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    row: dict[str, Any] = {"model": model, "concurrency": concurrency, "command": " ".join(cmd[:1] + cmd[3:]),
-                           "exit_status": done.returncode}  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    row: dict[str, Any] = {"model": model, "concurrency": concurrency, "api": api,
+                           "command": " ".join(cmd[:1] + cmd[3:]), "exit_status": done.returncode}  # fmt: skip
     if done.returncode != 0 or not csv_path.is_file():
         row["error"] = (done.stdout + done.stderr).strip()[-2000:]
         return row
@@ -117,7 +126,12 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["image_encoder", "multimodal"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer --measurement-interval")
-    parser.add_argument("--streaming", action="store_true", help="ModelStreamInfer instead of ModelInfer")
+    parser.add_argument("--apis", nargs="+", choices=["unary", "stream"], default=["unary"],
+                        help="unary: ModelInfer; stream: ModelStreamInfer (both: each in the same run)")
+    parser.add_argument("--workers", nargs="+", default=["1"], help="one server per value of serve --workers")
+    parser.add_argument("--server-arg", action="append", default=[], help="passed to fusionserve serve (repeatable)")
+    parser.add_argument("--stability-percentage", type=int, default=10,
+                        help="perf_analyzer -s: how far windows may differ (raise it on a shared machine)")
     parser.add_argument("--perf-analyzer", type=Path, help="a perf_analyzer binary (default: install one)")
     parser.add_argument("--smoke", action="store_true", help="multimodal at concurrency 1, 1 s windows (CI)")
     args = parser.parse_args()
@@ -134,30 +148,36 @@ def main() -> int:
         print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
         return 1
 
+    apis = args.apis
     repo = repository(args.repository, smoke=args.smoke)
     data = input_data(RESULTS / "perf_analyzer-multimodal-input.json")
     rows = []
-    with ServerProcess(repo) as server:
-        for model in args.models:
-            for concurrency in args.concurrency:
-                rows.append(run_one(binary, env, server.target, model, concurrency, args, data))
+    for workers in args.workers:
+        with ServerProcess(repo, "--workers", workers, *args.server_arg) as server:
+            for model in args.models:
+                for api in apis:
+                    for concurrency in args.concurrency:
+                        row = run_one(binary, env, server.target, model, concurrency, args, data, api)
+                        rows.append({**row, "workers": workers})
     result = {"machine": machine(), "settings": {**{k: v for k, v in vars(args).items() if k != "perf_analyzer"},
-              "repository": str(repo), "perf_analyzer": str(binary), "api": "stream" if args.streaming else "unary"},
-              "rows": rows}  # fmt: skip
+              "repository": str(repo), "perf_analyzer": str(binary), "apis": apis}, "rows": rows}  # fmt: skip
 
-    print(f"perf_analyzer ({'ModelStreamInfer' if args.streaming else 'ModelInfer'}), {args.window_ms} ms windows; "
-          "latencies in ms; server columns are means from ModelStatistics")  # fmt: skip
-    print(f"{'model':<15}{'conc':>5}{'infer/s':>10}{'p50':>8}{'p90':>8}{'p99':>8}{'srv queue':>11}{'srv compute':>13}")
+    print(f"perf_analyzer, {args.window_ms} ms windows; latencies in ms; server columns are means from "
+          "ModelStatistics; api: unary = ModelInfer, stream = ModelStreamInfer")  # fmt: skip
+    print(f"{'model':<15}{'workers':>8}{'api':>7}{'conc':>6}{'infer/s':>10}{'p50':>9}{'p90':>9}{'p99':>9}"
+          f"{'srv queue':>11}{'srv compute':>13}")  # fmt: skip
     failed = [r for r in rows if "error" in r]
     for r in rows:
+        head = f"{r['model']:<15}{r['workers']:>8}{r['api']:>7}{r['concurrency']:>6}"
         if "error" in r:
-            print(f"{r['model']:<15}{r['concurrency']:>5}  FAILED (exit {r['exit_status']}): {r['error'][-300:]}")
+            print(f"{head}  FAILED (exit {r['exit_status']}): {r['error'][-300:]}")
             continue
-        print(f"{r['model']:<15}{r['concurrency']:>5}{r['Inferences/Second']:>10.0f}{r['p50 latency'] / 1e3:>8.2f}"
-              f"{r['p90 latency'] / 1e3:>8.2f}{r['p99 latency'] / 1e3:>8.2f}{r['Server Queue'] / 1e3:>11.2f}"
+        print(f"{head}{r['Inferences/Second']:>10.0f}{r['p50 latency'] / 1e3:>9.2f}"
+              f"{r['p90 latency'] / 1e3:>9.2f}{r['p99 latency'] / 1e3:>9.2f}{r['Server Queue'] / 1e3:>11.2f}"
               f"{r['Server Compute Infer'] / 1e3:>13.2f}")  # fmt: skip
-    print("wrote", write(result_name("perf_analyzer", smoke=args.smoke, tags=["stream"] if args.streaming else []),
-                         result))  # fmt: skip
+    tags = [*(["stream"] if apis == ["stream"] else []), *([f"workers{'-'.join(args.workers)}"]
+                                                            if args.workers != ["1"] else [])]  # fmt: skip
+    print("wrote", write(result_name("perf_analyzer", smoke=args.smoke, tags=tags), result))
     return 1 if failed else 0
 
 

@@ -18,6 +18,30 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tested_tree_is_this_checkout() -> None:
+    """Refuse to run the tests on an installed copy of the code instead of the tree being edited.
+
+    A plain ``pip install .`` copies ``server/``, ``client/`` and ``export/`` into site-packages:
+    an edit there would go untested until the next reinstall. ``pip install -e`` (the README's
+    command) maps the package onto this checkout.
+    """
+    import fusionserve.client
+    import fusionserve.export
+    import fusionserve.server
+
+    for package in (fusionserve.server, fusionserve.client, fusionserve.export):
+        where = Path(package.__file__).resolve().parent
+        if not where.is_relative_to(ROOT):
+            raise pytest.UsageError(
+                f"{package.__name__} is imported from {where}, not from this checkout ({ROOT}): the tests would "
+                f"test an installed copy. Install the checkout in editable mode: pip install -e '.[export,dev]'"
+            )
+
+
+_tested_tree_is_this_checkout()
 TF_FIXTURES = frozenset({"trained_dir", "trained_repository", "trained_server"})
 
 

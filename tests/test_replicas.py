@@ -67,7 +67,7 @@ def test_three_replicas_survive_sigterm_kill_and_restart_with_the_load_spread(re
         with FusionClient([r.target for r in replicas], timeout_s=30) as client:
             load = Load(client, samples)
             # Phase 1: all three up.
-            time.sleep(0.5)  # every subchannel connected and in the rotation
+            assert wait_until(lambda: min(_served(replicas)) >= 5, 20), "a replica was never in the rotation"
             start_counts, start_ok = _served(replicas), load.ok
             time.sleep(PHASE_S)
             end_counts, end_ok = _served(replicas), load.ok
