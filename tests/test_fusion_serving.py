@@ -60,6 +60,11 @@ def _classify(server: RunningServer, items) -> np.ndarray:
     return np.array([list(r.probabilities) for r in response.results])
 
 
+def _sample(server: RunningServer, name: str, **labels: str) -> float:
+    """One exported metric sample of the server (0 when absent)."""
+    return server.server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def _rows(server: RunningServer, model: str) -> int:
     return server.server.core.registry.find(model).batcher.items_run
 
@@ -72,9 +77,8 @@ def test_answers_with_the_cache_equal_answers_without_it_on_a_mixed_workload(ser
         n = int(rng.integers(1, 9))
         items = [(images[rng.integers(0, 12)], texts[rng.integers(0, 40)]) for _ in range(n)]
         np.testing.assert_allclose(_classify(on, items), _classify(off, items), atol=1e-6)
-    metrics = on.server.metrics
-    assert metrics.cache_hits.labels("image_encoder")._value.get() > 0
-    assert metrics.cache_hits.labels("text_encoder")._value.get() > 0
+    for model in ("image_encoder", "text_encoder"):
+        assert _sample(on, "fusionserve_embedding_cache_hits_total", model=model) > 0, model
 
 
 def test_one_pixel_or_one_word_changed_is_a_new_entry(servers, samples):
@@ -127,13 +131,12 @@ def test_an_unloaded_version_leaves_the_cache(tmp_path, samples):
     repo = tiny_repository.build(tmp_path / "repo", seed=0)
     with RunningServer(repo, model_control_mode="explicit") as srv:
         _classify(srv, samples[:3])
-        cache = srv.server.core.cache
-        assert {k[0] for k in cache._entries} == {"image_encoder", "text_encoder"}
+        held = lambda model: _sample(srv, "fusionserve_embedding_cache_bytes", model=model)  # noqa: E731
+        assert held("image_encoder") > 0 and held("text_encoder") > 0
         stub = pb_grpc.FusionServiceStub(srv.channel())
         for model in ("multimodal", "image_encoder"):
             stub.UnloadModel(pb.UnloadModelRequest(name=model))
-        assert {k[0] for k in cache._entries} == {"text_encoder"}
-        assert srv.server.metrics.cache_held.labels("image_encoder")._value.get() == 0
+        assert held("image_encoder") == 0 and held("text_encoder") > 0
 
 
 # ---- Rank --------------------------------------------------------------------------------------

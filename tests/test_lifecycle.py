@@ -188,7 +188,8 @@ def test_a_corrupt_new_version_leaves_the_good_one_serving_and_is_retried_when_i
         finally:
             traffic.stop()
     assert not traffic.errors, traffic.errors[:5]
-    failures = srv.server.metrics.loads.labels("image_encoder", "failure")._value.get()
+    failures = srv.server.metrics.registry.get_sample_value(
+        "fusionserve_model_loads_total", {"model": "image_encoder", "outcome": "failure"})
     assert failures == 1
 
 

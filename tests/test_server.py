@@ -508,29 +508,29 @@ def test_one_stream_over_max_concurrent_streams_is_resource_exhausted(repository
     assert "too many open streams (limit 1)" in info.value.details()
 
 
-def _rows_per_run_of_one_stream(repository, samples, inflight: int) -> list[int]:
-    """Rows of each image-encoder run while one stream sends 24 one-item requests to a slowed model."""
-    with RunningServer(repository, metrics_port=-1, max_stream_inflight=inflight) as srv:
-        batcher = srv.server.core.registry.find("image_encoder").batcher
-        run, rows = batcher._run, []
+def _runs_of_one_stream(heavy_repository, samples, inflight: int) -> tuple[float, float]:
+    """(image-encoder runs, of which of more than 2 rows) while one stream sends 24 one-item requests.
 
-        def slowed(inputs):  # the model itself, slowed so that requests pile up behind each run
-            rows.append(len(inputs["image"]))
-            time.sleep(0.02)
-            return run(inputs)
-
-        batcher._run = slowed
-        batcher.inline_below_s = batcher.inline_idle_below_s = 0.0
+    The heavy image encoder takes milliseconds per item: requests pile up behind each run, as many as
+    the stream's window lets through.
+    """
+    with RunningServer(heavy_repository, max_stream_inflight=inflight, embedding_cache_mb=0) as srv:
         stub = pb_grpc.FusionServiceStub(srv.channel())
         replies = list(stub.ClassifyStream(iter([request([samples[n]], request_id=str(n)) for n in range(24)]),
                                            timeout=30))  # fmt: skip
-    assert sorted(int(r.request_id) for r in replies) == list(range(24)) and sum(rows) == 24
-    return rows
+        runs = _gauge(srv, "fusionserve_batch_size_count", model="image_encoder")
+        up_to_two = _gauge(srv, "fusionserve_batch_size_bucket", model="image_encoder", le="2.0")
+        rows = _gauge(srv, "fusionserve_batch_size_sum", model="image_encoder")
+    assert sorted(int(r.request_id) for r in replies) == list(range(24)) and not any(r.error.code for r in replies)
+    assert rows == 24 + 1  # the stream's 24 items and the warm-up's one: no item ran twice
+    return runs, runs - up_to_two
 
 
-def test_a_stream_runs_at_most_max_stream_inflight_requests_at_once(repository, samples):
-    assert max(_rows_per_run_of_one_stream(repository, samples, inflight=2)) <= 2
-    assert max(_rows_per_run_of_one_stream(repository, samples, inflight=8)) > 2  # the window is what limits
+def test_a_stream_runs_at_most_max_stream_inflight_requests_at_once(heavy_repository, samples):
+    runs, bigger = _runs_of_one_stream(heavy_repository, samples, inflight=2)
+    assert bigger == 0, f"{bigger:.0f} of {runs:.0f} runs had more than 2 rows with a window of 2"
+    runs, bigger = _runs_of_one_stream(heavy_repository, samples, inflight=8)
+    assert bigger > 0, "no run of more than 2 rows with a window of 8: the window is not what limits"
 
 
 def test_calls_over_max_concurrent_rpcs_are_refused_with_pushback_and_health_is_exempt(repository, samples):

@@ -6,7 +6,6 @@ import json
 import queue
 import shutil
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -740,35 +739,26 @@ def test_stream_continues_after_an_error(stub, tensor_inputs):
     reader.join(10)
 
 
-def test_stream_handles_many_requests_concurrently(server, stub, tensor_inputs, monkeypatch):
+def test_stream_handles_many_requests_concurrently(heavy_repository):
     """A stream does not wait for one answer before taking the next request: one-row requests of one
     stream meet in the batcher, which a request-by-request stream could never do.
 
-    The first run is held (on the pool, so the event loop keeps reading) until 10 requests queue
-    behind it, or 5 s: a serial stream never queues a second one, and then every request runs alone.
+    The heavy image encoder takes milliseconds per row, many times what reading a request takes, so
+    a stream that reads on while a run goes on has queued several requests behind it.
     """
-    batcher = server.server.core.registry.find("fusion").batcher
-    monkeypatch.setattr(batcher, "inline_below_s", 0.0)
-    monkeypatch.setattr(batcher, "inline_idle_below_s", 0.0)
-    run, first_seen = batcher._run, threading.Event()
-
-    def held_first(inputs):
-        if not first_seen.is_set():
-            first_seen.set()
-            until = time.monotonic() + 5
-            while batcher.queued_items < 10 and time.monotonic() < until:
-                time.sleep(0.001)
-        return run(inputs)
-
-    monkeypatch.setattr(batcher, "_run", held_first)
-    batches_before, rows_before = batcher.batches_run, batcher.items_run
-    requests = [make_request("fusion", {k: (d, v[:1]) for k, (d, v) in tensor_inputs["fusion"].items()}, id=str(i))
-                for i in range(200)]  # fmt: skip
-    responses = stream(stub, requests)
-    assert sorted(int(r.infer_response.id) for r in responses) == list(range(200))
+    rng = np.random.default_rng(0)
+    images = rng.random((40, 1, 256, 256, 3), dtype=np.float32)
+    with RunningServer(heavy_repository, max_stream_inflight=16) as srv:
+        batcher = srv.server.core.registry.find("image_encoder").batcher
+        batches_before, rows_before = batcher.batches_run, batcher.items_run
+        requests = [make_request("image_encoder", {"image": ("FP32", image)}, id=str(i))
+                    for i, image in enumerate(images)]  # fmt: skip
+        responses = stream(pb_grpc.GRPCInferenceServiceStub(srv.channel()), requests)
+        batches, rows = batcher.batches_run - batches_before, batcher.items_run - rows_before
+    assert sorted(int(r.infer_response.id) for r in responses) == list(range(40))
     assert not any(r.error_message for r in responses)
-    assert batcher.items_run - rows_before == 200
-    assert batcher.batches_run - batches_before < 200, "every request ran alone: the stream was processed serially"
+    assert rows == 40
+    assert batches < 40 / 2, f"{batches} runs for 40 requests: the stream was processed (nearly) serially"
 
 
 def test_a_failed_model_over_v2_is_not_ready_and_unavailable(repository, tmp_path):
