@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from fusionserve.server import grpc_counts
 from fusionserve.server.admission import pushback_s
 from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
-from fusionserve.server.calls import CallLimit
+from fusionserve.server.call_limit import CallLimit
 from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
@@ -76,7 +76,7 @@ class FusionServer:
         limit = self.settings.max_message_bytes
         before = grpc_counts.server_ids()
         # No maximum_concurrent_rpcs here: grpc.aio's would hold the excess in gRPC's accept queue
-        # instead of refusing it; self.calls refuses it with RESOURCE_EXHAUSTED (server/calls.py).
+        # instead of refusing it; self.calls refuses it with RESOURCE_EXHAUSTED (server/call_limit.py).
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -2,7 +2,7 @@
 
 Unknown exceptions are bugs: they are logged with their traceback and the caller sees
 ``INTERNAL "internal error"`` (never grpc's raw "Unexpected <class ...>", which leaks internals).
-The same wrapper counts each call against the server's :class:`~fusionserve.server.calls.CallLimit`,
+The same wrapper counts each call against the server's :class:`~fusionserve.server.call_limit.CallLimit`,
 so a call refused there is answered like any other error.
 """
 
@@ -26,7 +26,7 @@ from fusionserve.errors import (
     UnauthenticatedError,
     UnsupportedError,
 )
-from fusionserve.server.calls import CallLimit
+from fusionserve.server.call_limit import CallLimit
 
 logger = logging.getLogger(__name__)
 
