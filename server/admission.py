@@ -4,8 +4,7 @@ Two rules, each answering a refused call with RESOURCE_EXHAUSTED (:class:`Overlo
 to come back, before the call has cost anything but its arrival:
 
 1. **The caller's deadline** (always on). The door predicts when a call arriving now would be answered:
-   the items admitted and not yet answered (``inflight``), and the calls still waiting in gRPC's accept
-   queue for the event loop to take them up (``backlog``), drained at the rate the server completes
+   the items admitted and not yet answered (``inflight``) drained at the rate the server completes
    items while busy (``capacity``), then the call's own service (at least one lone call's time, or its
    own items at the busy rate). A call whose deadline comes before that is refused at once, instead of
    being served late or waiting in a queue to expire; a call whose deadline allows the wait is served.
@@ -13,14 +12,6 @@ to come back, before the call has cost anything but its arrival:
    without a bound unless a per-request timeout says otherwise). gRPC's deadline counts from the
    call's arrival at the server, so time spent in gRPC's own accept queue is already off it.
 
-   Why the backlog counts, though its calls came after this one: gRPC hands calls to the loop first
-   come, first served, and the loop pays for every call it takes up, those it refuses included (about a
-   sixth of serving one). Under a flood of calls with short deadlines, a loop that serves whatever
-   still has time falls behind, every call it then takes up has waited out most of its deadline in that
-   queue, and almost nothing is answered in time (measured: 3% of the capacity at 4× with 100-200 ms
-   deadlines). Counting the backlog, the door refuses short-deadline calls while the loop is behind,
-   which is cheap, until the queue has drained and calls arrive with time left again; calls with
-   deadlines long enough to ride out the backlog (and calls without one) are not affected.
 2. **Queue delay** (opt-in, ``queue_delay_target_ms`` > 0). A call whose work could not start within
    the target is refused once the estimated wait has stayed over the target for ``INTERVAL_S`` (CoDel's
    rule: a burst that drains sooner is served; a standing queue is not), and then, for ``RECENT_S``
@@ -92,8 +83,6 @@ class Admission:
         self.target_s = target_s
         self.inflight = 0
         """Items admitted and not yet answered."""
-        self.backlog = 0
-        """Calls waiting in gRPC's accept queue for the event loop (kept current by the app; 0 if unknown)."""
         self.capacity: float | None = None
         """Items per second completed while busy (None until measured)."""
         self.service_s: float | None = None
@@ -115,7 +104,7 @@ class Admission:
         if not self.capacity:
             return self.service_s or 0.0
         own = max(self.service_s or 0.0, items / self.capacity)
-        return (self.inflight + self.backlog) / self.capacity + own
+        return self.inflight / self.capacity + own
 
     @property
     def limit(self) -> float | None:
@@ -155,8 +144,8 @@ class Admission:
     def _check_deadline(self, items: int, timeout_s: float) -> None:
         if timeout_s <= 0:
             raise DeadlineExceededError("the call's deadline passed before it could start")
-        if self.inflight == 0 and self.backlog == 0:
-            return  # nothing else to do: whatever its deadline, this call is its best chance
+        if self.inflight == 0:
+            return  # nothing ahead of it: whatever its deadline, this call is its best chance
         predicted_s = self.predicted_s(items)
         if predicted_s > timeout_s:
             raise OverloadedError(

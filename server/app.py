@@ -32,8 +32,6 @@ from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
 logger = logging.getLogger(__name__)
 
 TYPED_SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
-BACKLOG_WATCH_S = 0.01
-"""How often the calls waiting in gRPC's accept queue are counted (one channelz read, tens of µs)."""
 
 
 class FusionServer:
@@ -61,8 +59,6 @@ class FusionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._refresher: asyncio.Task | None = None
-        self._server_id: int | None = None  # gRPC core's channelz id of this server, when it can be told
-        self._backlog_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load and warm up the models, then bind and start serving."""
@@ -93,7 +89,7 @@ class FusionServer:
         )
         ours = grpc_counts.server_ids() - before
         if len(ours) == 1:  # several servers made at once in one process (tests) cannot tell theirs apart
-            self._server_id = server_id = ours.pop()
+            server_id = ours.pop()
             self.metrics.watch(self.metrics.grpc_calls_received, lambda: grpc_counts.calls_started(server_id))
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core, self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -112,8 +108,6 @@ class FusionServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._publish_health()
-        if self._server_id is not None:
-            self._backlog_watch = asyncio.get_running_loop().create_task(self._watch_backlog(self._server_id))
         if self.worker:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
             # Not "listening on": the supervisor says that once every worker is serving.
@@ -124,13 +118,6 @@ class FusionServer:
     def _calls_pushback_s(self) -> float:
         """When a caller refused for too many calls in flight should come back: once the work ahead drains."""
         return pushback_s(self.core.admission.estimated_wait_s())
-
-    async def _watch_backlog(self, server_id: int) -> None:
-        """Keep the door's count of calls waiting in gRPC's accept queue current (server/admission.py)."""
-        while True:
-            waiting = grpc_counts.calls_started(server_id) - self.calls.taken
-            self.core.admission.backlog = max(0, waiting)
-            await asyncio.sleep(BACKLOG_WATCH_S)
 
     async def _refresh_metrics(self) -> None:
         """A worker's gauges read at scrape time in one process are copied to its files each second."""
@@ -182,9 +169,8 @@ class FusionServer:
             await asyncio.sleep(delay)
             await self._server.stop(grace - delay)
         await self.core.aclose()
-        for task in (self._refresher, self._backlog_watch):
-            if task is not None:
-                task.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         self.metrics.close()
         self._stopped.set()
         logger.info("shut down")

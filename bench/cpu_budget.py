@@ -1,0 +1,212 @@
+"""Where one real-job item's server CPU goes, at 1 caller and at 32: a profile of a running server.
+
+The real job: V2 ``ModelInfer`` on ``multimodal``, one PNG + caption per call, the embedding cache off
+(every item decoded and encoded). The load generator runs in a process of its own; the server is one
+``fusionserve serve`` with its defaults otherwise. For each caller count:
+
+1. **CPU per item, by thread** (exact): each server thread's CPU time from ``/proc``, grouped by what
+   the thread is (the event loop; onnxruntime's runs; image decoding; gRPC core's own threads, which
+   receive and send the calls), divided by the items served.
+2. **The event loop's share, by what it was doing** (sampled): ``py-spy record --native`` on the
+   server while the load runs; each sample of the loop's thread is put in the first category whose
+   frame it holds (gRPC and protobuf in Python, V2 request decoding, image decoding, tokenising, the
+   batchers' hand-offs, the response, metrics, ...), and the loop's exact CPU is split in those
+   proportions. Samples of the loop waiting in ``epoll`` are idle time, not CPU.
+3. **onnxruntime's share, by model**: its threads' CPU split by the models' own compute time
+   (``fusionserve_compute_time_seconds``).
+
+    python bench/cpu_budget.py [--callers 1 32] [--duration-s 8] [--repository REPO] [--smoke]
+
+Prints one table per caller count (µs of server CPU per item, and the share of it); writes
+``bench/results/cpu_budget[-smoke].json``. py-spy comes from PyPI (installed into this venv when
+missing); it samples 100 times a second, stopping the server for a moment each time, so the
+throughput it prints is a little under the server's own (the split is what this measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ServerProcess, machine, repository, result_name, samples, write
+
+# What a thread of the server is, from its name: Python's thread name (py-spy reports it), else the
+# OS's (gRPC core's own threads have no Python side).
+THREAD_GROUPS = (
+    ("event loop", ("MainThread",)),
+    ("onnxruntime runs", ("onnxruntime",)),
+    ("image decoding threads", ("preprocess",)),
+    ("gRPC's completion-queue poller (Python)", ("Thread-1 (_poll_wrapper)", "_poll_wrapper")),
+    ("asyncio's default executor", ("asyncio_",)),
+    ("metrics HTTP server", ("serve_forever",)),
+    ("gRPC core", ("grpc", "event_engine", "lifeguard", "default-execut", "resolver")),
+)
+# What the event loop was doing, by the first of these frames a sample holds (from the leaf up):
+# (category, substrings of a frame).
+LOOP_CATEGORIES = (
+    ("metrics", ("server/metrics.py", "server/model_totals.py", "prometheus_client", "server/tracking.py")),
+    ("V2 request decoding", ("decode_inputs", "v2_codec.py", "pipeline_items", "check_request_parameters")),
+    ("response building", ("encode_response", "pipeline_outputs", "classify_response", "fill_contents", "to_raw")),
+    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header", "_decode_all")),
+    ("tokenising", ("Vocabulary.encode", "text_to_word_sequence", "pad_sequences")),
+    ("embedding cache", ("embedding_cache.py",)),
+    ("onnxruntime on the loop", ("runtime.py", "onnxruntime")),
+    ("batchers: queues, batches, hand-offs", ("server/batcher.py", "server/room.py", "run_in_executor",
+                                              "concurrent/futures")),
+    ("pipeline and core", ("server/pipeline.py", "server/encoders.py", "server/core.py", "server/admission.py",
+                           "server/registry.py")),
+    ("servicers and error interceptor", ("server/v2_servicer.py", "server/typed_servicer.py", "server/grpc_errors.py",
+                                         "server/call_limit.py", "server/streams.py")),
+    ("protobuf (Python side)", ("FromString", "SerializeToString", "google/protobuf", "_message")),
+    ("gRPC (cygrpc) and asyncio", ("cygrpc", "asyncio", "_asyncio", "grpc/")),
+)
+IDLE_FRAMES = ("epoll_wait", "select_epoll_poll")
+SAMPLES_PER_S = 100
+"""py-spy's rate: each sample stops the server for a moment (native stacks need it), so not more."""
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).is_file():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return found
+
+
+def _python_thread_names(pid: int) -> dict[int, str]:
+    """Native thread id → Python thread name, for the process's Python threads (``py-spy dump``)."""
+    dump = subprocess.run([_py_spy(), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60).stdout
+    found = re.findall(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.MULTILINE)
+    return {int(tid): name for tid, name in found}
+
+
+def _thread_cpu_s(pid: int, names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds so far of each group of the server's threads (THREAD_GROUPS; else 'other threads')."""
+    out: dict[str, float] = collections.defaultdict(float)
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = names.get(int(task.name)) or stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        group = next((g for g, prefixes in THREAD_GROUPS if name.startswith(prefixes)), "other threads")
+        out[group] += cpu
+    return out
+
+
+def _loop_profile(raw: Path, pid: int) -> dict[str, float]:
+    """Share of the event loop's busy samples per category (LOOP_CATEGORIES), from py-spy's raw output."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames[0].startswith(f"thread ({pid})"):
+            continue  # another thread's sample (the event loop is the main thread)
+        if any(idle in frame for frame in frames[-4:] for idle in IDLE_FRAMES):
+            continue  # waiting for events: idle
+        category = "other Python"
+        for frame in reversed(frames):
+            hit = next((c for c, keys in LOOP_CATEGORIES if any(k in frame for k in keys)), None)
+            if hit is not None:
+                category = hit
+                break
+        counts[category] += int(n)
+    total = sum(counts.values()) or 1
+    return {c: n / total for c, n in counts.most_common()}
+
+
+def _compute_s(server: ServerProcess) -> dict[str, float]:
+    return {m: total for m, (total, _) in server.histogram("fusionserve_compute_time_seconds").items()}
+
+
+def _items(server: ServerProcess) -> float:
+    return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal"}')
+
+
+def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool) -> dict[str, Any]:
+    """Drive ``callers`` closed-loop callers for ``duration_s``; CPU per item, by thread and (sampled) by task."""
+    load = [sys.executable, "-m", "fusionserve", "loadtest", "--target", server.target, "--api", "v2",
+            "--concurrency", str(callers), "--duration", str(duration_s + 1.0), "--warmup", "1", "--quiet"]  # fmt: skip
+    driver = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the load generator's warm-up
+    raw = Path(tempfile.mkdtemp()) / "profile.raw"
+    names = _python_thread_names(server.pid)
+    spy = None
+    if profile:
+        command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
+                   str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
+        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def snapshot() -> tuple[dict[str, float], float, dict[str, float], float]:
+        return _thread_cpu_s(server.pid, names), _items(server), _compute_s(server), time.monotonic()
+
+    cpu0, items0, compute0, wall0 = snapshot()
+    time.sleep(duration_s)
+    cpu1, items1, compute1, wall1 = snapshot()
+    if spy is not None:
+        spy.wait(60)
+    _, err = driver.communicate(timeout=60)
+    if driver.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {err[-500:]}")
+    items = items1 - items0
+    by_thread = {g: (cpu1[g] - cpu0.get(g, 0.0)) / items * 1e6 for g in cpu1}
+    row: dict[str, Any] = {"callers": callers, "items": items, "items_per_s": items / (wall1 - wall0),
+                           "us_per_item": sum(by_thread.values()), "threads_us_per_item": by_thread}  # fmt: skip
+    compute = {m: compute1[m] - compute0.get(m, 0.0) for m in compute1 if compute1[m] > compute0.get(m, 0.0)}
+    ort_us = by_thread.get("onnxruntime runs", 0.0)
+    row["onnxruntime_us_per_item_by_model"] = {m: ort_us * c / sum(compute.values()) for m, c in compute.items()}
+    if profile and raw.is_file():
+        shares = _loop_profile(raw, server.pid)
+        row["event_loop_us_per_item_by_task"] = {c: share * by_thread.get("event loop", 0.0) for c, share in
+                                                 shares.items()}  # fmt: skip
+    return row
+
+
+def report(row: dict[str, Any]) -> None:
+    total = row["us_per_item"]
+    print(f"\n{row['callers']} caller(s): {row['items_per_s']:.0f} items/s, {total:.0f} µs of server CPU per item")
+    lines = [(f"thread: {g}", v) for g, v in row["threads_us_per_item"].items()]
+    lines += [(f"  onnxruntime: {m}", v) for m, v in row["onnxruntime_us_per_item_by_model"].items()]
+    lines += [(f"  event loop: {c}", v) for c, v in row.get("event_loop_us_per_item_by_task", {}).items()]
+    for name, value in lines:
+        print(f"  {name:<58}{value:8.0f} µs {100 * value / total:5.1f}%")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--callers", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--duration-s", type=float, default=8.0)
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--server-arg", action="append", default=[], help="extra 'fusionserve serve' argument")
+    p.add_argument("--no-profile", action="store_true", help="CPU by thread only (no py-spy)")
+    p.add_argument("--smoke", action="store_true", help="2 s per caller count (CI)")
+    args = p.parse_args()
+    duration_s = 2.0 if args.smoke else args.duration_s
+    repo = repository(args.repository, smoke=args.smoke)
+    samples(1)  # fail early on a broken data module, before the server starts
+    rows = []
+    with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:
+        for callers in args.callers:
+            row = measure(server, callers, duration_s, profile=not args.no_profile)
+            report(row)
+            rows.append(row)
+    payload = {"machine": machine(), "duration_s": duration_s, "server_args": args.server_arg, "rows": rows}
+    path = write(result_name("cpu_budget", smoke=args.smoke), payload)
+    print("\nwrote", path)
+    print(json.dumps({r["callers"]: round(r["us_per_item"]) for r in rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
