@@ -7,8 +7,8 @@ The real job: V2 ``ModelInfer`` on ``multimodal``, one PNG + caption per call, t
 1. **CPU per item, by thread** (exact): each server thread's CPU time from ``/proc``, grouped by what
    the thread is (the event loop; onnxruntime's runs; image decoding; gRPC core's own threads, which
    receive and send the calls), divided by the items served.
-2. **The event loop's share, by what it was doing** (sampled): ``py-spy record --native`` on the
-   server while the load runs; each sample of the loop's thread is put in the first category whose
+2. **The event loop's share, by what it was doing** (sampled, in a second window of the same load):
+   ``py-spy record --native`` on the server; each sample of the loop's thread is put in the first category whose
    frame it holds (gRPC and protobuf in Python, V2 request decoding, image decoding, tokenising, the
    batchers' hand-offs, the response, metrics, ...), and the loop's exact CPU is split in those
    proportions. Samples of the loop waiting in ``epoll`` are idle time, not CPU.
@@ -68,7 +68,8 @@ LOOP_CATEGORIES = (
     ("servicers and error interceptor", ("server/v2_servicer.py", "server/typed_servicer.py", "server/grpc_errors.py",
                                          "server/call_limit.py", "server/streams.py")),
     ("protobuf (Python side)", ("FromString", "SerializeToString", "google/protobuf", "_message")),
-    ("gRPC (cygrpc) and asyncio", ("cygrpc", "asyncio", "_asyncio", "grpc/")),
+    ("gRPC in Python (cygrpc)", ("cygrpc", "grpc/")),
+    ("asyncio: tasks, futures, callbacks", ("asyncio", "_asyncio")),
 )
 IDLE_FRAMES = ("epoll_wait", "select_epoll_poll")
 SAMPLES_PER_S = 100
@@ -137,8 +138,8 @@ def _items(server: ServerProcess) -> float:
 
 def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool) -> dict[str, Any]:
     """Drive ``callers`` closed-loop callers for ``duration_s``; CPU per item, by thread and (sampled) by task."""
-    load = [sys.executable, "-m", "fusionserve", "loadtest", "--target", server.target, "--api", "v2",
-            "--concurrency", str(callers), "--duration", str(duration_s + 1.0), "--warmup", "1", "--quiet"]  # fmt: skip
+    load = [sys.executable, "-m", "fusionserve", "loadtest", "--target", server.target, "--api", "v2", "--quiet",
+            "--concurrency", str(callers), "--duration", str(2 * duration_s + 2.0), "--warmup", "1"]  # fmt: skip
     driver = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # the load generator's warm-up
     raw = Path(tempfile.mkdtemp()) / "profile.raw"

@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import venv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,12 @@ def input_data(path: Path, n: int = 16) -> Path:
 
 def run_one(
     binary: Path, env: dict[str, str], target: str, model: str, concurrency: int, args: argparse.Namespace, data: Path,
-    api: str = "unary",
+    api: str = "unary", extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One perf_analyzer run at one concurrency; its CSV row (latencies in µs) and its exit status."""
+    """One perf_analyzer run at one concurrency; its CSV row (latencies in µs) and its exit status.
+
+    ``extra``: more perf_analyzer arguments (a header, say).
+    """
     csv_path = RESULTS / f"perf_analyzer-{model}-c{concurrency}.csv"
     cmd = [str(binary), "-m", model, "-u", target, "-i", "grpc", "--concurrency-range", f"{concurrency}:{concurrency}",
            "--measurement-interval", str(args.window_ms), "-s", str(args.stability_percentage),
@@ -107,6 +111,7 @@ def run_one(
         cmd += ["--input-data", str(data)]
     if api == "stream":
         cmd.append("--streaming")
+    cmd += extra
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     row: dict[str, Any] = {"model": model, "concurrency": concurrency, "api": api,
                            "command": " ".join(cmd[:1] + cmd[3:]), "exit_status": done.returncode}  # fmt: skip
