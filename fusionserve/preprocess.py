@@ -50,16 +50,16 @@ def split_words(text: str, *, lower: bool | str = True, filters: str = KERAS_FIL
     """Lower-case, replace every filtered character by ``replacement``, split, drop empty words.
 
     With the defaults this is Keras' ``text_to_word_sequence``; ``split`` is a separator string,
-    :data:`SPLIT_WHITESPACE` or :data:`SPLIT_CHARACTER` (every code point a word, after lower-casing).
+    :data:`SPLIT_WHITESPACE` or :data:`SPLIT_CHARACTER` (every code point left a word).
     """
     if lower is True:
         text = text.lower()
     elif lower == LOWER_ASCII:
         text = text.translate(_ASCII_LOWER)
-    if split == SPLIT_CHARACTER:
-        return list(text)
     if filters:
         text = text.translate(str.maketrans(dict.fromkeys(filters, replacement)))
+    if split == SPLIT_CHARACTER:
+        return list(text)
     parts = _ASCII_WHITESPACE.split(text) if split == SPLIT_WHITESPACE else text.split(split)
     return [w for w in parts if w]
 
@@ -132,10 +132,9 @@ class Vocabulary:
         ids = self.word_index.values()
         if ids and (min(ids) < 1 or max(ids) >= self.max_words):
             problems.append(f"word indices must lie in [1, {self.max_words})")
-        clashes = sorted(w for w, i in self.word_index.items()
-                         if i == self.pad_value or (i == self.oov_index and w != self.oov_token))  # fmt: skip
+        clashes = sorted(w for w, i in self.word_index.items() if i == self.oov_index and w != self.oov_token)
         if clashes:
-            problems.append(f"words {clashes[:5]} take the padding or out-of-vocabulary index")
+            problems.append(f"words {clashes[:5]} take the out-of-vocabulary index {self.oov_index}")
         if problems:
             raise ValueError("vocabulary " + "; ".join(problems))
 
@@ -158,10 +157,9 @@ class Vocabulary:
 
     def ids(self, text: str) -> list[int]:
         """The token ids of one text before padding (unknown words: ``oov_index``, or none)."""
-        index, oov, limit = self.word_index, self.oov_index, self.max_words
-        found = (index.get(w) for w in self.words(text))
-        kept = (i if i is not None and i < limit else oov for i in found)
-        return [i for i in kept if i is not None]
+        index, oov = self.word_index, self.oov_index
+        found = (index.get(w, oov) for w in self.words(text))
+        return [i for i in found if i is not None]
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Token ids padded and truncated to ``[N, max_length]`` int32 with this vocabulary's settings."""
