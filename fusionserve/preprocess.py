@@ -57,7 +57,8 @@ def split_words(text: str, *, lower: bool | str = True, filters: str = KERAS_FIL
     elif lower == LOWER_ASCII:
         text = text.translate(_ASCII_LOWER)
     if filters:
-        text = text.translate(str.maketrans(dict.fromkeys(filters, replacement)))
+        table: dict[str, str | int | None] = dict.fromkeys(filters, replacement)
+        text = text.translate(str.maketrans(table))
     if split == SPLIT_CHARACTER:
         return list(text)
     parts = _ASCII_WHITESPACE.split(text) if split == SPLIT_WHITESPACE else text.split(split)
@@ -302,7 +303,7 @@ class ImagePreprocessing:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
-                raise ValueError(f"{name} must be three numbers (one per channel, in {self.color_order}), not {value!r}")
+                raise ValueError(f"{name} must be three numbers, one per channel in {self.color_order}, not {value!r}")
         if self.std is not None and not all(v > 0 for v in self.std):
             raise ValueError(f"std must be positive, not {self.std!r}")
 
@@ -358,7 +359,8 @@ class ImagePreprocessing:
             if int(data.get("channels", 3)) != 3:
                 raise ValueError(f"channels must be 3, not {data['channels']!r}")
             height, width = int(data["height"]), int(data["width"])
-            given = {k: data[k] for k in ("color_order", "interpolation", "scale", "offset", "mean", "std") if k in data}
+            keys = ("color_order", "interpolation", "scale", "offset", "mean", "std")
+            given = {k: data[k] for k in keys if k in data}
             for key in ("mean", "std"):
                 if given.get(key) is not None:
                     given[key] = tuple(given[key])

@@ -1,5 +1,6 @@
-"""A user's own preprocessing, read from what they have: a Keras ``Tokenizer.to_json()`` or a
-fusionserve vocabulary, an image preprocessing mode or JSON declaration. No TensorFlow.
+"""A user's own preprocessing, read from the files they have; no TensorFlow.
+
+A Keras ``Tokenizer.to_json()`` or a fusionserve vocabulary; an image preprocessing mode or JSON declaration.
 
 ``fusionserve export`` and ``fusionserve import`` read them here into the objects the repository
 records (:class:`~fusionserve.preprocess.Vocabulary`, :class:`~fusionserve.preprocess.ImagePreprocessing`),
