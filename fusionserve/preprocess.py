@@ -27,12 +27,12 @@ import cv2
 import numpy as np
 
 from fusionserve.errors import InvalidInputError
+from fusionserve.preprocessing_defaults import IMAGE_MODES, PAD_SEQUENCES_DEFAULTS, SIDES
 
 KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
-PAD_INDEX = 0
+PAD_INDEX = PAD_SEQUENCES_DEFAULTS["value"]
 OOV_INDEX = 1
 OOV_TOKEN = "[UNK]"
-SIDES = ("pre", "post")  # where pad_sequences pads and truncates
 VOCABULARY_FORMAT = 2  # version 1 (no "format" key) knew only fusionserve's own convention
 
 # How a text is split into words: on a separator string (Keras' Tokenizer, ``split=" "``), on runs
@@ -369,16 +369,6 @@ class ImagePreprocessing:
             return replace(cls.mode(str(data.get("mode", "seed")), height, width), **given)
         except (KeyError, TypeError) as e:
             raise ValueError(f"image preprocessing needs height and width ({e!r})") from e
-
-
-# keras.applications' preprocess_input modes (and the seed's), as ImagePreprocessing settings. Images
-# arrive decoded as BGR; Keras' modes take RGB, so "caffe" (which flips RGB to BGR) stays in BGR here.
-IMAGE_MODES: dict[str, dict[str, Any]] = {
-    "seed": {"color_order": "BGR", "scale": "1/255"},
-    "caffe": {"color_order": "BGR", "scale": 1.0, "mean": (103.939, 116.779, 123.68)},
-    "tf": {"color_order": "RGB", "scale": "1/127.5", "offset": -1.0},
-    "torch": {"color_order": "RGB", "scale": "1/255", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
-}
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -13,10 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fusionserve.preprocess import IMAGE_MODES, SPLIT_CHARACTER, ImagePreprocessing, Vocabulary
-
-# Keras' pad_sequences defaults; maxlen=None (the longest text of each call) is the text model's input length.
-PAD_SEQUENCES_DEFAULTS: dict[str, Any] = {"maxlen": None, "padding": "pre", "truncating": "pre", "value": 0}
+from fusionserve.preprocess import SPLIT_CHARACTER, ImagePreprocessing, Vocabulary
+from fusionserve.preprocessing_defaults import IMAGE_MODES
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -61,7 +59,6 @@ def keras_tokenizer(data: dict, max_length: int) -> Vocabulary:
         kept,
         max_words=max(max_words, 2),
         max_length=max_length,
-        pad_value=PAD_SEQUENCES_DEFAULTS["value"],
         oov_index=word_index[oov_token] if oov_token is not None else None,
         oov_token=oov_token,
         lower=lower,

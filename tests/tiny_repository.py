@@ -82,7 +82,7 @@ def image_encoder(rng: np.random.Generator, height: int, width: int, channels: i
 
 def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int,
                  token_type: int = TensorProto.INT32) -> onnx.ModelProto:  # fmt: skip
-    """``tokens`` int32 (or ``token_type``) [N, L] → embedding → one ONNX LSTM → dense → ``text_features`` [N, FEATURES]."""
+    """``tokens`` int32 (or ``token_type``) [N, L] → embedding → one LSTM → dense → ``text_features`` [N, FEATURES]."""
     nodes = [
         helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [N, L, HIDDEN]
         helper.make_node("Transpose", ["embedded"], ["time_major"], perm=[1, 0, 2]),
