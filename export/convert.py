@@ -228,7 +228,7 @@ def export(
     labels: Sequence[str] | None,
     repository: Path,
     *,
-    preprocessing: ImagePreprocessing | None = None,
+    preprocessing: ImagePreprocessing | str | None = None,
     positive_label: str | None = None,
     fusion_outputs: str | None = None,
     opset: int = DEFAULT_OPSET,
@@ -246,7 +246,8 @@ def export(
         vocab: the tokenizer, padding included.
         labels: one per class; None: ``mismatch``/``match`` for two classes, ``class_<i>`` otherwise.
         repository: where the new versions go.
-        preprocessing: how images become the image model's input (default: the seed's, at its size).
+        preprocessing: how images become the image model's input, or its declaration (a mode or a JSON
+            file, see :func:`~fusionserve.user_preprocessing.image_preprocessing`); default: the seed's.
         positive_label: the class Rank scores (default: the last).
         fusion_outputs: ``probabilities`` or ``features``; None: ``probabilities`` when labels are given or
             the output layer is a softmax.
@@ -281,7 +282,11 @@ def export(
     if positive_label is not None and positive_label not in labels:
         raise ExportError(f"positive label {positive_label!r} is not among the labels {labels}")
     height, width_px = int(image_model.inputs[0].shape[1]), int(image_model.inputs[0].shape[2])
-    preprocessing = preprocessing or ImagePreprocessing(height, width_px)
+    if not isinstance(preprocessing, ImagePreprocessing):
+        try:
+            preprocessing = image_preprocessing(preprocessing, height, width_px)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
     if (preprocessing.height, preprocessing.width) != (height, width_px):
         raise ExportError(f"image preprocessing resizes to {preprocessing.height}x{preprocessing.width}, "
                           f"the image model takes {height}x{width_px}")  # fmt: skip
@@ -406,11 +411,7 @@ def export_files(
     labels = None
     if labels_file is not None and Path(labels_file).is_file():
         labels = [str(x) for x in json.loads(Path(labels_file).read_text(encoding="utf-8"))]
-    height, width = (int(d) for d in models[0].inputs[0].shape[1:3])
-    try:
-        preprocessing = image_preprocessing(image_preprocessing_declared, height, width)
-    except ValueError as e:
-        raise ExportError(str(e)) from e
     source = {"image_model": str(image), "text_model": str(text), "fusion_model": str(fusion)}
-    return export(*models, vocab, labels, repository, preprocessing=preprocessing, positive_label=positive_label,
+    return export(*models, vocab, labels, repository, preprocessing=image_preprocessing_declared,
+                  positive_label=positive_label,
                   fusion_outputs=fusion_outputs, opset=opset, source=source)  # fmt: skip

@@ -72,17 +72,29 @@ class Roles:
     fusion_inputs: tuple[str, str]  # (image features, text features)
 
 
+IMAGE_HINTS = ("image", "img", "vision", "visual", "pixel", "photo")
+TEXT_HINTS = ("text", "txt", "token", "caption", "language", "word", "sentence")
+
+
 def fusion_order(names: Sequence[str], widths: Sequence[tuple[int, ...]], image: tuple[int, ...],
-                 text: tuple[int, ...]) -> tuple[int, int]:  # fmt: skip
+                 text: tuple[int, ...], declared: Sequence[str] | None = None) -> tuple[int, int]:  # fmt: skip
     """Which of a fusion model's two inputs takes the image features and which the text's, as positions.
 
-    By name when one input's name says ``image`` and the other's ``text``; else by shape when only one
-    assignment fits the encoders' outputs (``image``, ``text``: their shapes without the batch axis);
-    else by position, image first.
+    As ``declared`` (the image input's name, then the text input's) when given; else by name when one
+    input's name holds an image word (:data:`IMAGE_HINTS`) and the other's a text word; else by shape
+    when only one assignment fits the encoders' outputs (``image``, ``text``: their shapes without the
+    batch axis); else by position, image first.
+
+    Raises:
+        ExportError: ``declared`` does not name the two inputs.
     """
+    if declared is not None:
+        if sorted(declared) != sorted(names):
+            raise ExportError(f"fusion inputs {list(declared)} given, but the fusion model's are {list(names)}")
+        return names.index(declared[0]), names.index(declared[1])
     lowered = [n.lower() for n in names]
     for order in ((0, 1), (1, 0)):
-        if "image" in lowered[order[0]] and "text" in lowered[order[1]]:
+        if any(h in lowered[order[0]] for h in IMAGE_HINTS) and any(h in lowered[order[1]] for h in TEXT_HINTS):
             return order
     fits = [o for o in ((0, 1), (1, 0)) if tuple(widths[o[0]]) == tuple(image) and tuple(widths[o[1]]) == tuple(text)]
     return fits[0] if len(fits) == 1 else (0, 1)
