@@ -414,17 +414,17 @@ ERROR_CASES = {
     ),
     "vocabulary missing": (
         lambda a, tmp: a.update(vocab_file=tmp / "nope.json"),
-        r"vocabulary .*nope\.json.* does not exist",
+        r"tokenizer .*nope\.json.* does not exist",
     ),
     "vocabulary not json": (
         lambda a, tmp: a.update(vocab_file=_vocab_file(tmp, "{oops")),
-        r"vocabulary .* is not a valid vocabulary JSON",
+        r"tokenizer .* is not readable JSON",
     ),
     "vocabulary indices out of range": (
         lambda a, tmp: a.update(
             vocab_file=_vocab_file(tmp, {"word_index": {"a": 0}, "max_words": 9, "max_length": 100})
         ),
-        r"vocabulary .* is not a valid vocabulary JSON.*\[2, 9\)",
+        r"tokenizer .* is neither a Keras Tokenizer's to_json\(\) nor a valid fusionserve vocabulary JSON.*\[1, 9\)",
     ),
     "vocabulary max_length differs from the text model": (
         lambda a, tmp: a.update(vocab_file=_vocab_file(tmp, {"word_index": {}, "max_words": 9, "max_length": 50})),
