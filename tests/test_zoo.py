@@ -29,8 +29,9 @@ from fusionserve.cli import main as cli
 from fusionserve.client import FusionClient
 from fusionserve.errors import ExportError
 from fusionserve.repository import load_config
-from tests.test_preprocess import _picture
+from tests import zoo_models as zoo
 from tests.serving import RunningServer
+from tests.test_preprocess import _picture
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 TOLERANCE = 1e-4
@@ -43,12 +44,12 @@ CAPTIONS = ["a red dog under the blue sky", "The BLUE sky, with an unknown zebra
 
 @dataclass
 class Case:
-    image: str  # keras.applications class, or "cnn"
+    image: str  # one of zoo.IMAGE_ENCODERS
     family: str | None  # keras.applications module whose preprocess_input the user calls
     declared: str | dict  # --image-preprocessing
-    text: str  # lstm, gru, bilstm, conv1d, transformer
+    text: str  # one of zoo.TEXT_ENCODERS
     tokenizer: dict | None  # tf_keras Tokenizer options; None: TextVectorization inside the text model
-    fusion: str  # mlp, concat, gated
+    fusion: str  # one of zoo.FUSIONS
     classes: int = 2
     pad: dict = field(default_factory=dict)
     vectorizer: dict = field(default_factory=dict)
@@ -67,62 +68,11 @@ CASES = {
 }  # fmt: skip
 
 
-def image_model(case: Case):
-    import keras
-    from keras import layers
-
-    inputs = keras.Input((SIZE, SIZE, 3), name="image")
-    if case.image == "cnn":
-        x = layers.Conv2D(8, 3, activation="relu")(inputs)
-        x = layers.GlobalAveragePooling2D()(layers.MaxPooling2D()(layers.Conv2D(8, 3, activation="relu")(x)))
-    else:
-        base = getattr(keras.applications, case.image)(include_top=False, weights=None, input_tensor=inputs)
-        x = layers.GlobalAveragePooling2D()(base.output)
-    return keras.Model(inputs, layers.Dense(FEATURES)(x), name="my_image_model")
-
-
-def text_model(case: Case, vectorizer):
-    import keras
-    from keras import layers
-
-    if vectorizer is None:
-        inputs = x = keras.Input((LENGTH,), dtype="int32", name="ids")
-        rows = 10_000 if case.tokenizer.get("num_words") == 10_000 else 64
-    else:
-        inputs = keras.Input((1,), dtype="string", name="caption")
-        x = vectorizer(inputs)
-        rows = vectorizer.vocabulary_size()
-    x = layers.Embedding(rows, 16)(x)
-    if case.text == "lstm":
-        x = layers.LSTM(FEATURES)(x)
-    elif case.text == "gru":
-        x = layers.GRU(FEATURES, unroll=True)(x)  # Keras 3's GRU becomes a Loop in tf2onnx otherwise (refused)
-    elif case.text == "bilstm":
-        x = layers.Bidirectional(layers.LSTM(FEATURES // 2))(x)
-    elif case.text == "conv1d":
-        x = layers.GlobalMaxPooling1D()(layers.Conv1D(FEATURES, 3, activation="relu")(x))
-    else:
-        attended = layers.MultiHeadAttention(num_heads=2, key_dim=8)(x, x)
-        x = layers.LayerNormalization()(x + attended)
-        x = layers.LayerNormalization()(x + layers.Dense(16, activation="relu")(x))
-        x = layers.GlobalAveragePooling1D()(x)
-    return keras.Model(inputs, layers.Dense(FEATURES)(x), name="my_text_model")
-
-
-def fusion_model(case: Case):
-    import keras
-    from keras import layers
-
-    image, text = keras.Input((FEATURES,), name="image_features"), keras.Input((FEATURES,), name="text_features")
-    joined = layers.Concatenate()([image, text])
-    if case.fusion == "concat":
-        return keras.Model([image, text], joined, name="my_fusion")
-    if case.fusion == "gated":
-        gate = layers.Dense(FEATURES, activation="sigmoid")(joined)
-        x = layers.Multiply()([gate, layers.Multiply()([image, text])])
-    else:
-        x = layers.Dense(64, activation="relu")(joined)
-    return keras.Model([image, text], layers.Dense(case.classes, activation="softmax")(x), name="my_fusion")
+def test_the_cases_cover_every_model_of_the_zoo() -> None:
+    for kinds, used in ((zoo.IMAGE_ENCODERS, {c.image for c in CASES.values()}),
+                        (zoo.TEXT_ENCODERS, {c.text for c in CASES.values()}),
+                        (zoo.FUSIONS, {c.fusion for c in CASES.values()})):  # fmt: skip
+        assert set(kinds) == used
 
 
 def awkward_images() -> list[bytes]:
@@ -144,7 +94,10 @@ def test_a_users_keras_models_are_served_as_their_keras_code_runs_them(case: Cas
     else:
         vectorizer = keras.layers.TextVectorization(max_tokens=40, output_sequence_length=LENGTH, **case.vectorizer)
         vectorizer.adapt(CORPUS)
-    models = {"image": image_model(case), "text": text_model(case, vectorizer), "fusion": fusion_model(case)}
+    rows = 10_000 if case.tokenizer and case.tokenizer.get("num_words") == 10_000 else 64
+    models = {"image": zoo.image_model(case.image, SIZE, FEATURES),
+              "text": zoo.text_model(case.text, LENGTH, FEATURES, rows, vectorizer),
+              "fusion": zoo.fusion_model(case.fusion, FEATURES, case.classes)}  # fmt: skip
     for role, model in models.items():
         model.save(tmp_path / f"{role}.keras")
     declared = case.declared
@@ -186,7 +139,7 @@ def test_a_users_keras_models_are_served_as_their_keras_code_runs_them(case: Cas
         if case.fusion == "concat":
             got = client.embed(images=images, texts=captions).fused
         else:
-            got = np.array([r.probabilities for r in client.classify_batch(list(zip(images, captions)))])
+            got = np.array([r.probabilities for r in client.classify_batch(list(zip(images, captions, strict=True)))])
     assert got.shape == expected.shape
     assert float(np.max(np.abs(got - expected))) <= TOLERANCE
     if case.fusion != "concat":
@@ -216,8 +169,7 @@ def test_what_tf2onnx_or_the_gate_cannot_take_is_refused_naming_the_layer(layer,
     else:
         x = layers.Activation("softplus", name="my_softplus")(layers.GlobalAveragePooling1D()(x))
         x = layers.Dense(FEATURES)(x)
-    case = CASES["cnn + transformer + gated"]
     with pytest.raises(ExportError, match=message):
-        export(image_model(case), keras.Model(ids, x), fusion_model(case), Vocabulary({"a": 2}, 64, LENGTH),
-               ["no", "yes"], tmp_path / "repo")  # fmt: skip
+        export(zoo.image_model("cnn", SIZE, FEATURES), keras.Model(ids, x), zoo.fusion_model("mlp", FEATURES),
+               Vocabulary({"a": 2}, 64, LENGTH), ["no", "yes"], tmp_path / "repo")  # fmt: skip
     assert not list((tmp_path / "repo").iterdir())
