@@ -23,10 +23,13 @@ from fusionserve.errors import ExportError
 from fusionserve.export import DEFAULT_OPSET, text_vectorization
 from fusionserve.export.gate import gate
 from fusionserve.export.staging import (
+    CLASSES,
+    FEATURES,
     ExportedModel,
     ExportResult,
     Roles,
     Staging,
+    class_labels,
     created_now,
     fusion_order,
     image_step_preprocessing,
@@ -42,7 +45,6 @@ logger = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
 PARITY_SAMPLES = 64
 PARITY_SEED = 1_000_003
-CLASSES, FEATURES = "probabilities", "features"  # what a fusion model outputs
 
 
 def tool_versions() -> dict[str, str]:
@@ -268,19 +270,7 @@ def export(
     order = check_models(image_model, text_model, fusion_model, vocab)
     width = int(fusion_model.outputs[0].shape[-1])
     kind = fusion_outputs or (CLASSES if labels else fusion_outputs_of(fusion_model))
-    if kind not in (CLASSES, FEATURES):
-        raise ExportError(f"fusion outputs must be {CLASSES!r} or {FEATURES!r}, not {kind!r}")
-    if kind == FEATURES:
-        if labels:
-            raise ExportError("a fusion model that outputs features has no classes: give no labels")
-        labels = []
-    elif labels is None:
-        labels = list(gen.LABELS) if width == len(gen.LABELS) else [f"class_{i}" for i in range(width)]
-    labels = list(labels)
-    if kind == CLASSES and len(labels) != width:
-        raise ExportError(f"{len(labels)} labels given but the fusion model has {width} outputs")
-    if positive_label is not None and positive_label not in labels:
-        raise ExportError(f"positive label {positive_label!r} is not among the labels {labels}")
+    labels = class_labels(kind, width, labels, positive_label)
     height, width_px = int(image_model.inputs[0].shape[1]), int(image_model.inputs[0].shape[2])
     if not isinstance(preprocessing, ImagePreprocessing):
         try:

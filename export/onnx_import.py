@@ -22,9 +22,12 @@ from fusionserve import data as gen
 from fusionserve.errors import ExportError
 from fusionserve.export.gate import gate
 from fusionserve.export.staging import (
+    CLASSES,
+    FEATURES,
     ExportedModel,
     ExportResult,
     Roles,
+    class_labels,
     created_now,
     fusion_order,
     image_step_preprocessing,
@@ -169,17 +172,8 @@ def _import(graphs: tuple[_Graph, _Graph, _Graph], vocab: Vocabulary, preprocess
     if vocab.max_length != tokens.shape[1]:
         raise ExportError(f"the tokenizer pads to {vocab.max_length} tokens, the text model takes {tokens.shape[1]}")
     width = fusion.outputs[0].shape[1]
-    kind = fusion_outputs or ("probabilities" if labels or _outputs_classes(fusion) else "features")
-    if kind == "features":
-        if labels:
-            raise ExportError("a fusion model that outputs features has no classes: give no labels")
-        labels = []
-    elif labels is None:
-        labels = list(gen.LABELS) if width == len(gen.LABELS) else [f"class_{i}" for i in range(width)]
-    if kind == "probabilities" and len(labels) != width:
-        raise ExportError(f"{len(labels)} labels given but the fusion model has {width} outputs")
-    if positive_label is not None and positive_label not in labels:
-        raise ExportError(f"positive label {positive_label!r} is not among the labels {labels}")
+    kind = fusion_outputs or (CLASSES if labels or _outputs_classes(fusion) else FEATURES)
+    labels = class_labels(kind, width, labels, positive_label)
 
     # The trial run: generated images and captions as the server will prepare them, and a row of the
     # highest id and the padding value, which the text encoder's embedding must take.
@@ -195,7 +189,7 @@ def _import(graphs: tuple[_Graph, _Graph, _Graph], vocab: Vocabulary, preprocess
     fused = fusion.run({fusion.inputs[i].name: features[k] for k, i in enumerate(order)})
     if fused.shape != (samples, width):
         raise ExportError(f"fusion: the trial run gave shape {list(fused.shape)}, expected [{samples}, {width}]")
-    if kind == "probabilities" and not np.allclose(fused.sum(1), 1, atol=1e-3):
+    if kind == CLASSES and not np.allclose(fused.sum(1), 1, atol=1e-3):
         raise ExportError("fusion: outputs are taken as class probabilities but do not sum to 1 "
                           "(import it with --fusion-outputs features, or end it with a softmax)")  # fmt: skip
 

@@ -20,10 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fusionserve import data as gen
 from fusionserve.errors import ExportError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 from fusionserve.repository import (
     CONFIG_FILE,
+    FUSION_CLASSES,
+    FUSION_FEATURES,
     MODEL_FILE,
     PIPELINE_NAME,
     PLATFORM_ONNX,
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 VOCABULARY_FILE = "vocab.json"
 LABELS_FILE = "labels.json"
+CLASSES, FEATURES = FUSION_CLASSES, FUSION_FEATURES
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,30 @@ def fusion_order(names: Sequence[str], widths: Sequence[tuple[int, ...]], image:
     return fits[0] if len(fits) == 1 else (0, 1)
 
 
+def class_labels(kind: str, width: int, labels: Sequence[str] | None, positive_label: str | None) -> list[str]:
+    """The labels of a fusion model that outputs ``kind`` (``width`` wide): given, made up, or none.
+
+    Without labels, a classifier's are ``mismatch``/``match`` for two classes, ``class_<i>`` otherwise; a
+    fusion model that outputs features has none.
+
+    Raises:
+        ExportError: labels for features, labels that do not fit the classes, or a positive label among none.
+    """
+    if kind not in (CLASSES, FEATURES):
+        raise ExportError(f"fusion outputs must be {CLASSES!r} or {FEATURES!r}, not {kind!r}")
+    if kind == FEATURES:
+        if labels:
+            raise ExportError("a fusion model that outputs features has no classes: give no labels")
+        labels = []
+    elif labels is None:
+        labels = list(gen.LABELS) if width == len(gen.LABELS) else [f"class_{i}" for i in range(width)]
+    if kind == CLASSES and len(labels) != width:
+        raise ExportError(f"{len(labels)} labels given but the fusion model has {width} outputs")
+    if positive_label is not None and positive_label not in labels:
+        raise ExportError(f"positive label {positive_label!r} is not among the labels {list(labels)}")
+    return list(labels)
+
+
 def created_now() -> str:
     """The time stamp every config of one export carries."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -159,10 +187,10 @@ class Staging:
             write_json(pdir / LABELS_FILE, list(labels))
             outputs = (TensorSpec("PROBABILITIES", "FP32", fused.shape), TensorSpec("LABEL", "BYTES", (-1,)))
             own = {"probabilities": "PROBABILITIES", "label": "LABEL"}
-            fusion_role = {"outputs": "probabilities", "positive_label": positive_label or labels[-1]}
+            fusion_role = {"outputs": CLASSES, "positive_label": positive_label or labels[-1]}
         else:
             outputs, own = (TensorSpec("FEATURES", "FP32", fused.shape),), {"features": "FEATURES"}
-            fusion_role = {"outputs": "features"}
+            fusion_role = {"outputs": FEATURES}
         image, text, fusion = roles.image, roles.text, roles.fusion
         pipeline = ModelConfig(
             name=PIPELINE_NAME,

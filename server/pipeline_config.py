@@ -31,11 +31,11 @@ from pathlib import Path
 
 from fusionserve.errors import RepositoryError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary
-from fusionserve.repository import INTEGER_DATATYPES, ModelConfig, TensorSpec
+from fusionserve.repository import FUSION_CLASSES, FUSION_FEATURES, INTEGER_DATATYPES, ModelConfig, TensorSpec
 
 ROLES = ("image_encoder", "text_encoder", "fusion")
 PIPELINE_ROLE = "pipeline"  # the pipeline's own tensors, by name
-CLASSES, FEATURES = "probabilities", "features"  # what a fusion model outputs
+CLASSES, FEATURES = FUSION_CLASSES, FUSION_FEATURES
 
 
 @dataclass(frozen=True)
