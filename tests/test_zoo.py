@@ -94,10 +94,20 @@ def test_a_users_keras_models_are_served_as_their_keras_code_runs_them(case: Cas
     else:
         vectorizer = keras.layers.TextVectorization(max_tokens=40, output_sequence_length=LENGTH, **case.vectorizer)
         vectorizer.adapt(CORPUS)
+    # The user's own image preprocessing: OpenCV decodes BGR, Keras' families take RGB.
+    images, captions = awkward_images(), CAPTIONS
+    rgb = [cv2.cvtColor(cv2.resize(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), (SIZE, SIZE)),
+                        cv2.COLOR_BGR2RGB).astype(np.float32) for b in images]  # fmt: skip
+    if case.family is not None:
+        rgb = [importlib.import_module(f"keras.applications.{case.family}").preprocess_input(x) for x in rgb]
+    else:  # the plain CNN was trained on torch-style inputs, written out by hand
+        rgb = [(x / np.float32(255) - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
+               for x in rgb]  # fmt: skip
     rows = 10_000 if case.tokenizer and case.tokenizer.get("num_words") == 10_000 else 64
     models = {"image": zoo.image_model(case.image, SIZE, FEATURES),
               "text": zoo.text_model(case.text, LENGTH, FEATURES, rows, vectorizer),
               "fusion": zoo.fusion_model(case.fusion, FEATURES, case.classes)}  # fmt: skip
+    zoo.calibrate(models["image"], np.stack(rgb))
     for role, model in models.items():
         model.save(tmp_path / f"{role}.keras")
     declared = case.declared
@@ -118,16 +128,9 @@ def test_a_users_keras_models_are_served_as_their_keras_code_runs_them(case: Cas
     assert cli.main(argv) == 0
 
     # The user's own pipeline, on the models as they saved them.
-    images, captions = awkward_images(), CAPTIONS
     mine = {role: keras.models.load_model(tmp_path / f"{role}.keras") for role in models}
-    rgb = [cv2.cvtColor(cv2.resize(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), (SIZE, SIZE)),
-                        cv2.COLOR_BGR2RGB).astype(np.float32) for b in images]  # fmt: skip
-    if case.family is not None:
-        rgb = [importlib.import_module(f"keras.applications.{case.family}").preprocess_input(x) for x in rgb]
-    else:  # the plain CNN was trained on torch-style inputs, written out by hand
-        rgb = [(x / np.float32(255) - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
-               for x in rgb]  # fmt: skip
     image_features = np.asarray(mine["image"](np.stack(rgb)))
+    assert image_features.std() > 0.1  # the image counts in the answer (see zoo.calibrate)
     if tokenizer is not None:
         ids = sequence.pad_sequences(tokenizer.texts_to_sequences(captions), maxlen=LENGTH, **case.pad)
         text_features = np.asarray(mine["text"](ids))
