@@ -36,7 +36,7 @@ def stage_breakdown(trained: Path, duration_s: float, workdir: Path) -> dict[str
     import numpy as np
 
     from fusionserve.export import convert
-    from fusionserve.preprocess import Vocabulary
+    from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 
     started = time.perf_counter()
     models = {n: convert.load_keras_model(trained / f"{n}.keras", n) for n in MODELS}
@@ -44,7 +44,7 @@ def stage_breakdown(trained: Path, duration_s: float, workdir: Path) -> dict[str
     vocab = Vocabulary.load(trained / "vocab.json")
     started = time.perf_counter()
     size = (int(models["image_encoder"].inputs[0].shape[1]), int(models["image_encoder"].inputs[0].shape[2]))
-    images, tokens = convert.parity_inputs(size, vocab, convert.PARITY_SAMPLES)
+    images, tokens = convert.parity_inputs(ImagePreprocessing(*size), vocab, convert.PARITY_SAMPLES)
     features_i = np.asarray(models["image_encoder"](images))
     features_t = np.asarray(models["text_encoder"](tokens))
     inputs_s = time.perf_counter() - started

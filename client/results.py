@@ -84,6 +84,9 @@ class Embeddings:
     """float32 ``[n_images, dim]``, or None when no images were sent."""
     text: np.ndarray | None = field(default=None, compare=False)
     """float32 ``[n_texts, dim]``, or None when no texts were sent."""
+    fused: np.ndarray | None = field(default=None, compare=False)
+    """float32 ``[n_pairs, dim]``: the fused features of each (image, text) pair, from a pipeline whose
+    fusion model outputs features when as many images as texts were sent; None otherwise."""
     model: str = ""
     model_version: int = 0
 
@@ -182,6 +185,7 @@ def embeddings(response: pb.EmbedResponse, images: int, texts: int) -> Embedding
     return Embeddings(
         image=matrix(response.image_embeddings, images),
         text=matrix(response.text_embeddings, texts),
+        fused=matrix(response.fused_embeddings, len(response.fused_embeddings)),
         model=response.model,
         model_version=response.model_version,
     )

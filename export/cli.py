@@ -1,6 +1,7 @@
-"""Model commands of the ``fusionserve`` CLI: ``train`` and ``export`` (need the ``export`` extra).
+"""Model commands of the ``fusionserve`` CLI: ``train`` and ``export`` (the ``export`` extra), ``import``.
 
-TensorFlow is imported inside each command, quieted first, so ``fusionserve --help`` stays instant.
+TensorFlow is imported inside each command, quieted first, so ``fusionserve --help`` stays instant;
+``import`` (ONNX files from elsewhere) needs no TensorFlow at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from fusionserve.errors import FusionServeError
 from fusionserve.export import DEFAULT_EPOCHS, DEFAULT_OPSET, DEFAULT_SAMPLES
 from fusionserve.extras import require
+from fusionserve.preprocessing_defaults import IMAGE_MODES, PAD_SEQUENCES_DEFAULTS, SIDES
 
 
 def import_tensorflow_quietly() -> None:
@@ -74,20 +76,70 @@ def cmd_export(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from fusionserve.export.convert import export_files, export_from_dir
 
-    own = [args.image_model, args.text_model, args.fusion_model, args.vocab]
-    if args.source and any(own):
-        raise FusionServeError("use either --from DIR or the four --*-model/--vocab options, not both")
+    models = [args.image_model, args.text_model, args.fusion_model]
+    if args.source and any([*models, args.tokenizer]):
+        raise FusionServeError("use either --from DIR or the three --*-model options (and --tokenizer), not both")
     if args.source:
         result = export_from_dir(args.source, args.repository, opset=args.opset)
-    elif all(own):
-        result = export_files(*own, args.repository, labels_file=args.labels, opset=args.opset)
+    elif all(models):
+        _check_labels(args.labels)
+        pad = {"maxlen": args.maxlen, "padding": args.padding, "truncating": args.truncating, "value": args.pad_value}
+        result = export_files(*models, args.tokenizer, args.repository, labels_file=args.labels,
+                              image_preprocessing_declared=args.image_preprocessing, pad_sequences=pad,
+                              positive_label=args.positive_label, fusion_outputs=args.fusion_outputs,
+                              opset=args.opset)  # fmt: skip
     else:
         raise FusionServeError(
-            "give --from DIR (from 'fusionserve train') or all of --image-model, --text-model, "
-            "--fusion-model and --vocab"
+            "give --from DIR (from 'fusionserve train') or all of --image-model, --text-model and --fusion-model "
+            "(with --tokenizer unless the text model starts with TextVectorization)"
         )
     _print_export(result)
     return 0
+
+
+def _check_labels(labels: Path | None) -> None:
+    if labels is not None and not labels.is_file():
+        raise FusionServeError(f"--labels {str(labels)!r} does not exist")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Assemble a model repository from three ONNX files, a tokenizer and an image preprocessing declaration."""
+    require("import", "fusionserve import")
+    from fusionserve.export.onnx_import import import_files
+
+    _check_labels(args.labels)
+    pad = {"maxlen": args.maxlen, "padding": args.padding, "truncating": args.truncating, "value": args.pad_value}
+    result = import_files(args.image_model, args.text_model, args.fusion_model, args.tokenizer, args.repository,
+                          image_preprocessing_declared=args.image_preprocessing, pad_sequences=pad,
+                          labels_file=args.labels, positive_label=args.positive_label,
+                          fusion_outputs=args.fusion_outputs)  # fmt: skip
+    _print_export(result)
+    return 0
+
+
+def _user_options(p: argparse.ArgumentParser, *, onnx: bool) -> None:
+    """The options that describe a user's own models: tokenizer, padding, image preprocessing, labels."""
+    kind = "ONNX" if onnx else ".keras"
+    p.add_argument("--image-model", type=Path, required=onnx, help=f"{kind} image model: images → features")
+    p.add_argument("--text-model", type=Path, required=onnx, help=f"{kind} text model: token ids → features")
+    p.add_argument("--fusion-model", type=Path, required=onnx,
+                   help=f"{kind} fusion model: (image features, text features) → class probabilities or features")
+    p.add_argument("--tokenizer", "--vocab", dest="tokenizer", type=Path, required=onnx,
+                   help="a Keras Tokenizer's to_json() or a fusionserve vocabulary JSON"
+                   + ("" if onnx else " (not needed when the text model starts with TextVectorization)"))
+    d = PAD_SEQUENCES_DEFAULTS
+    p.add_argument("--maxlen", type=int, help="pad_sequences' maxlen (default: the text model's input length)")
+    p.add_argument("--padding", choices=SIDES, help=f"pad_sequences' padding (default {d['padding']!r})")
+    p.add_argument("--truncating", choices=SIDES, help=f"pad_sequences' truncating (default {d['truncating']!r})")
+    p.add_argument("--pad-value", type=float, help=f"pad_sequences' value (default {d['value']})")
+    p.add_argument("--image-preprocessing", metavar="MODE|FILE",
+                   help=f"keras.applications' preprocess_input mode {sorted(IMAGE_MODES)} or a JSON file with "
+                   "color_order, interpolation, scale, offset, mean, std (default: seed, BGR / 255)")
+    p.add_argument("--labels", type=Path, help="JSON list of class labels (default: mismatch/match for 2 classes)")
+    p.add_argument("--positive-label", help="the class Rank scores (default: the last label)")
+    p.add_argument("--fusion-outputs", choices=["probabilities", "features"],
+                   help="what the fusion model outputs (default: probabilities when its output layer is a "
+                   "softmax or --labels is given, else features: an embedding pipeline)")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,11 +154,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="convert Keras models to ONNX into a model repository")
     p.add_argument("--from", dest="source", type=Path, help="folder written by 'fusionserve train'")
-    p.add_argument("--image-model", type=Path)
-    p.add_argument("--text-model", type=Path)
-    p.add_argument("--fusion-model", type=Path)
-    p.add_argument("--vocab", type=Path, help="vocabulary JSON (as 'fusionserve train' writes it)")
-    p.add_argument("--labels", type=Path, help="JSON list of class labels (optional)")
+    _user_options(p, onnx=False)
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="assemble a model repository from ONNX files made elsewhere (no TensorFlow)")
+    _user_options(p, onnx=True)
+    p.add_argument("--repository", type=Path, required=True)
+    p.set_defaults(func=cmd_import)

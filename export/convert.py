@@ -1,20 +1,18 @@
 """Convert Keras models to ONNX with tf2onnx, gate and parity-check them, write a model repository.
 
-Imports TensorFlow. Nothing is half-written: every model is converted and checked in a staging folder inside the
-repository first, and only then moved into place as the next version of each model.
+Imports TensorFlow. Nothing is half-written: every model is converted and checked in a staging folder
+inside the repository first (export/staging.py), and only then moved into place as the next version
+of each model. Any architecture tf2onnx converts into ops the gate (export/gate.py) allows is taken;
+a text model that starts with a ``TextVectorization`` layer is split at it (export/text_vectorization.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,63 +20,31 @@ import numpy as np
 
 from fusionserve import data as gen
 from fusionserve.errors import ExportError
-from fusionserve.export import DEFAULT_OPSET
-from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image, encode_png, preprocess_image
-from fusionserve.repository import (
-    CONFIG_FILE,
-    DEFAULT_MAX_BATCH_SIZE,
-    MODEL_FILE,
-    PIPELINE_NAME,
-    PLATFORM_ONNX,
-    PLATFORM_PIPELINE,
-    ModelConfig,
-    TensorSpec,
-    list_versions,
-    sha256_file,
-    write_json,
+from fusionserve.export import DEFAULT_OPSET, text_vectorization
+from fusionserve.export.gate import gate
+from fusionserve.export.staging import (
+    CLASSES,
+    FEATURES,
+    ExportedModel,
+    ExportResult,
+    Roles,
+    Staging,
+    class_labels,
+    created_now,
+    fusion_order,
+    image_step_preprocessing,
+    staging,
+    text_step_preprocessing,
 )
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image, encode_png
+from fusionserve.repository import DEFAULT_MAX_BATCH_SIZE, ModelConfig, TensorSpec
+from fusionserve.user_preprocessing import image_preprocessing, read_tokenizer, with_pad_sequences
 
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 PARITY_SAMPLES = 64
 PARITY_SEED = 1_000_003
-
-# Ops onnxruntime's CUDA execution provider runs (a conservative subset). Loop/Scan/If are left
-# out on purpose: they fall back to host control flow and kill batching throughput.
-ALLOWED_OPS = frozenset(
-    {
-        "Add", "ArgMax", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
-        "ConstantOfShape", "Conv", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand", "Flatten",
-        "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "Identity", "LSTM", "GRU",
-        "LeakyRelu", "Less", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Pad", "Pow",
-        "Range", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
-        "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose",
-        "Unsqueeze", "Where",
-    }
-)  # fmt: skip
-FORBIDDEN_OPS = frozenset({"Loop", "Scan", "If"})
-
-
-@dataclass(frozen=True)
-class ExportedModel:
-    """One converted model and its checks."""
-
-    name: str
-    version: int
-    max_abs_diff: float
-    onnx_bytes: int
-    seconds: float
-    ops: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote."""
-
-    repository: Path
-    models: tuple[ExportedModel, ...]
-    pipeline_version: int
 
 
 def tool_versions() -> dict[str, str]:
@@ -116,8 +82,12 @@ def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
     return tuple(-1 if d is None else int(d) for d in shape)
 
 
-def check_models(image_model, text_model, fusion_model, vocab: Vocabulary) -> None:
-    """Check that the three models fit together; raise ExportError saying what does not."""
+def check_models(image_model, text_model, fusion_model, vocab: Vocabulary) -> tuple[int, int]:
+    """Check that the three models fit together; raise ExportError saying what does not.
+
+    Returns:
+        the fusion model's (image input, text input) positions (see staging.fusion_order).
+    """
     for role, model, n_in in (("image", image_model, 1), ("text", text_model, 1), ("fusion", fusion_model, 2)):
         if len(model.inputs) != n_in or len(model.outputs) != 1:
             raise ExportError(
@@ -130,24 +100,30 @@ def check_models(image_model, text_model, fusion_model, vocab: Vocabulary) -> No
     text_in = _dims(text_model.inputs[0].shape)
     if len(text_in) != 2 or text_in[1] != vocab.max_length:
         raise ExportError(
-            f"text model input must be [N, {vocab.max_length}] (the vocabulary's max_length), is {list(text_in)}"
+            f"text model input must be [N, {vocab.max_length}] (the tokenizer's padded length), is {list(text_in)}"
         )
     image_out = _dims(image_model.outputs[0].shape)
     text_out = _dims(text_model.outputs[0].shape)
-    fusion_in = [_dims(t.shape) for t in fusion_model.inputs]
+    for role, shape in (("image", image_out), ("text", text_out)):
+        if len(shape) != 2:
+            raise ExportError(f"{role} model output must be features [N, width], is {list(shape)}")
+    names, widths = [t.name for t in fusion_model.inputs], [_dims(t.shape)[1:] for t in fusion_model.inputs]
+    order = fusion_order(names, widths, image_out[1:], text_out[1:])
+    fusion_in = [_dims(fusion_model.inputs[i].shape) for i in order]
     if fusion_in[0][1:] != image_out[1:] or fusion_in[1][1:] != text_out[1:]:
         raise ExportError(
             "fusion model inputs do not match the encoders' outputs: fusion takes "
             f"{[list(s) for s in fusion_in]}, encoders give image {list(image_out)} and text {list(text_out)}"
         )
     fusion_out = _dims(fusion_model.outputs[0].shape)
-    if len(fusion_out) != 2 or fusion_out[1] < 2:
-        raise ExportError(f"fusion model output must be [N, classes] with classes >= 2, is {list(fusion_out)}")
-    rows = token_range(text_model, vocab)[1]
-    if rows < vocab.max_words:
-        raise ExportError(
-            f"text model's embedding has {rows} rows, fewer than the vocabulary's {vocab.max_words} token ids"
-        )
+    if len(fusion_out) != 2 or fusion_out[1] < 1:
+        raise ExportError(f"fusion model output must be [N, classes] or [N, features], is {list(fusion_out)}")
+    low, rows = token_range(text_model, vocab)
+    ids = [vocab.max_words - 1, vocab.pad_value]
+    if min(ids) < low or max(ids) >= rows:
+        raise ExportError(f"text model's embedding takes ids [{low}, {rows}), but the tokenizer gives ids up to "
+                          f"{vocab.max_words - 1} and pads with {vocab.pad_value}")  # fmt: skip
+    return order
 
 
 def token_range(text_model, vocab: Vocabulary) -> tuple[int, int]:
@@ -161,6 +137,25 @@ def token_range(text_model, vocab: Vocabulary) -> tuple[int, int]:
             return 0, int(layer.input_dim)
         layers[:0] = getattr(layer, "layers", [])  # a nested model's own layers, in order
     return 0, vocab.max_words
+
+
+def layer_names(model) -> set[str]:
+    """Every layer's name, nested models' included (the gate names culprits by them)."""
+    names, layers = set(), list(model.layers)
+    while layers:
+        layer = layers.pop()
+        names.add(layer.name)
+        layers += getattr(layer, "layers", [])
+    return names
+
+
+def fusion_outputs_of(fusion_model) -> str:
+    """``probabilities`` when the fusion model's output layer is a softmax, else ``features``."""
+    import keras
+
+    layer = fusion_model.outputs[0]._keras_history[0]
+    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    return CLASSES if isinstance(layer, keras.layers.Softmax) or activation == "softmax" else FEATURES
 
 
 def _rename_io(model_proto, inputs: Sequence[str], outputs: Sequence[str]) -> None:
@@ -196,24 +191,13 @@ def to_onnx(model, name: str, input_names: Sequence[str], output_names: Sequence
     return proto
 
 
-def gate(model_proto, name: str) -> tuple[str, ...]:
-    """Fail when the graph holds control flow or ops outside the CUDA-provider allow-list."""
-    ops = sorted({n.op_type for n in model_proto.graph.node})
-    bad = sorted(set(ops) & FORBIDDEN_OPS)
-    if bad:
-        raise ExportError(f"{name}: graph holds control-flow ops {bad}; export a model without loops")
-    unknown = sorted(set(ops) - ALLOWED_OPS)
-    if unknown:
-        raise ExportError(f"{name}: graph holds ops outside the CUDA-provider allow-list: {unknown}")
-    return tuple(ops)
-
-
-def parity(keras_model, path: Path, inputs: dict[str, np.ndarray], name: str) -> float:
-    """Max absolute difference between Keras and onnxruntime on the same inputs."""
+def parity(keras_model, onnx_model: Path | bytes, inputs: dict[str, np.ndarray], name: str) -> float:
+    """Max absolute difference between Keras and onnxruntime on the same inputs (in the Keras model's order)."""
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        model = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(f"{name}: onnxruntime cannot load the exported model: {e}") from e
     expected = np.asarray(keras_model(list(inputs.values()) if len(inputs) > 1 else next(iter(inputs.values()))))
@@ -230,11 +214,11 @@ def parity(keras_model, path: Path, inputs: dict[str, np.ndarray], name: str) ->
 
 
 def parity_inputs(
-    image_size: tuple[int, int], vocab: Vocabulary, n: int, seed: int = PARITY_SEED
+    preprocessing: ImagePreprocessing, vocab: Vocabulary, n: int, seed: int = PARITY_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out generated samples, preprocessed exactly as the server will (PNG bytes → tensors)."""
     ds = gen.generate(n, seed)
-    images = np.stack([preprocess_image(decode_image(encode_png(img)), *image_size) for img in ds.images])
+    images = np.stack([preprocessing.apply(decode_image(encode_png(img))) for img in ds.images])
     return images, vocab.encode(ds.captions)
 
 
@@ -242,10 +226,13 @@ def export(
     image_model,
     text_model,
     fusion_model,
-    vocab: Vocabulary,
-    labels: Sequence[str],
+    vocab: Vocabulary | None,
+    labels: Sequence[str] | None,
     repository: Path,
     *,
+    preprocessing: ImagePreprocessing | str | None = None,
+    positive_label: str | None = None,
+    fusion_outputs: str | None = None,
     opset: int = DEFAULT_OPSET,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     samples: int = PARITY_SAMPLES,
@@ -253,147 +240,103 @@ def export(
 ) -> ExportResult:
     """Convert, gate and parity-check the three models; add them as new versions to ``repository``.
 
+    Args:
+        image_model: Keras model, float32 [N, H, W, 3] → features.
+        text_model: Keras model, token ids [N, L] → features; or one that starts with TextVectorization
+            (then ``vocab`` is None: the layer is the tokenizer).
+        fusion_model: Keras model, (image features, text features) → class probabilities or features.
+        vocab: the tokenizer, padding included.
+        labels: one per class; None: ``mismatch``/``match`` for two classes, ``class_<i>`` otherwise.
+        repository: where the new versions go.
+        preprocessing: how images become the image model's input, or its declaration (a mode or a JSON
+            file, see :func:`~fusionserve.user_preprocessing.image_preprocessing`); default: the seed's.
+        positive_label: the class Rank scores (default: the last).
+        fusion_outputs: ``probabilities`` or ``features``; None: ``probabilities`` when labels are given or
+            the output layer is a softmax.
+        opset: the ONNX opset.
+        max_batch_size: written into every config.
+        samples: parity samples.
+        source: recorded in the configs.
+
     Raises:
         ExportError: naming the model and what failed; the repository is left as it was.
     """
-    repository = Path(repository)
-    if repository.exists() and not repository.is_dir():
-        raise ExportError(f"repository {str(repository)!r} is a file, not a folder")
-    check_models(image_model, text_model, fusion_model, vocab)
-    labels = list(labels)
-    n_classes = int(fusion_model.outputs[0].shape[-1])
-    if len(labels) != n_classes:
-        raise ExportError(f"{len(labels)} labels given but the fusion model has {n_classes} outputs")
-    try:
-        repository.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repository))
-    except OSError as e:
-        raise ExportError(f"cannot write to repository {str(repository)!r}: {e.strerror or e}") from e
-    try:
-        result = _export_into(
-            staging, image_model, text_model, fusion_model, vocab, labels, repository, opset,
-            max_batch_size, samples, source or {},
-        )  # fmt: skip
-        # Each version folder appears whole (a rename), the steps before the pipeline that pins them,
-        # so a server polling the repository never reads half an export.
-        for model_dir in sorted(staging.iterdir(), key=lambda d: d.name == PIPELINE_NAME):
-            for version in model_dir.iterdir():
-                target = repository / model_dir.name / version.name
-                target.parent.mkdir(exist_ok=True)
-                os.rename(version, target)  # fails rather than overwrite an existing version
-        return result
-    except OSError as e:
-        raise ExportError(f"cannot write to repository {str(repository)!r}: {e}") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    lifted, text_model = text_vectorization.lift(text_model)
+    if lifted is not None and vocab is not None:
+        raise ExportError("the text model tokenises itself (TextVectorization): give no tokenizer or vocabulary")
+    vocab = vocab or lifted
+    if vocab is None:
+        raise ExportError("give the text model's tokenizer (a Keras Tokenizer's to_json() or a vocabulary JSON)")
+    order = check_models(image_model, text_model, fusion_model, vocab)
+    width = int(fusion_model.outputs[0].shape[-1])
+    kind = fusion_outputs or (CLASSES if labels else fusion_outputs_of(fusion_model))
+    labels = class_labels(kind, width, labels, positive_label)
+    height, width_px = int(image_model.inputs[0].shape[1]), int(image_model.inputs[0].shape[2])
+    if not isinstance(preprocessing, ImagePreprocessing):
+        try:
+            preprocessing = image_preprocessing(preprocessing, height, width_px)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    if (preprocessing.height, preprocessing.width) != (height, width_px):
+        raise ExportError(f"image preprocessing resizes to {preprocessing.height}x{preprocessing.width}, "
+                          f"the image model takes {height}x{width_px}")  # fmt: skip
+    with staging(Path(repository)) as stage:
+        return _export_into(stage, (image_model, text_model, fusion_model), vocab, preprocessing, labels,
+                            positive_label, order, kind, opset, max_batch_size, samples, source or {})  # fmt: skip
 
 
-def _export_into(
-    staging: Path,
-    image_model,
-    text_model,
-    fusion_model,
-    vocab: Vocabulary,
-    labels: list[str],
-    repository: Path,
-    opset: int,
-    max_batch_size: int,
-    samples: int,
-    source: dict[str, Any],
-) -> ExportResult:
+def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing: ImagePreprocessing,
+                 labels: list[str], positive_label: str | None, order: tuple[int, int], kind: str, opset: int,
+                 max_batch_size: int, samples: int, source: dict[str, Any]) -> ExportResult:  # fmt: skip
+    image_model, text_model, fusion_model = models
     versions = tool_versions()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    height, width = int(image_model.inputs[0].shape[1]), int(image_model.inputs[0].shape[2])
-    images, tokens = parity_inputs((height, width), vocab, samples)
+    created = created_now()
+    images, tokens = parity_inputs(preprocessing, vocab, samples)
+    tokens = tokens.astype(np.dtype(text_model.inputs[0].dtype), copy=False)
     image_features = np.asarray(image_model(images))
     text_features = np.asarray(text_model(tokens))
     feat_i, feat_t = image_features.shape[1], text_features.shape[1]
-    n_classes = int(fusion_model.outputs[0].shape[-1])
-    token_ids = token_range(text_model, vocab)
+    fused_width = int(fusion_model.outputs[0].shape[-1])
+    token_datatype = {"int32": "INT32", "int64": "INT64"}.get(str(tokens.dtype))
+    if token_datatype is None:
+        raise ExportError(f"text model input must take int32 or int64 token ids, takes {tokens.dtype}")
 
+    fusion_names = ["image_features", "text_features"] if order == (0, 1) else ["text_features", "image_features"]
+    fusion_inputs = {"image_features": image_features, "text_features": text_features}
     plans = [
-        ("image_encoder", image_model, {"image": images}, [TensorSpec("image", "FP32", (-1, height, width, 3))],
-         [TensorSpec("image_features", "FP32", (-1, feat_i))],
-         {"type": "image", "decoder": "cv2.imdecode(IMREAD_COLOR)", **ImagePreprocessing(height, width).to_json()}),
+        ("image_encoder", image_model, {"image": images}, [TensorSpec("image", "FP32", (-1, *images.shape[1:3], 3))],
+         [TensorSpec("image_features", "FP32", (-1, feat_i))], image_step_preprocessing(preprocessing)),
         ("text_encoder", text_model, {"tokens": tokens},
-         [TensorSpec("tokens", "INT32", (-1, vocab.max_length), token_ids)],
-         [TensorSpec("text_features", "FP32", (-1, feat_t))],
-         {"type": "text", "max_length": vocab.max_length, "padding": vocab.padding, "truncating": vocab.truncating,
-          "vocabulary_file": "vocab.json"}),
-        ("fusion", fusion_model, {"image_features": image_features, "text_features": text_features},
-         [TensorSpec("image_features", "FP32", (-1, feat_i)), TensorSpec("text_features", "FP32", (-1, feat_t))],
-         [TensorSpec("probabilities", "FP32", (-1, n_classes))], {}),
+         [TensorSpec("tokens", token_datatype, (-1, vocab.max_length), token_range(text_model, vocab))],
+         [TensorSpec("text_features", "FP32", (-1, feat_t))], text_step_preprocessing(vocab)),
+        ("fusion", fusion_model, {n: fusion_inputs[n] for n in fusion_names},
+         [TensorSpec(n, "FP32", (-1, fusion_inputs[n].shape[1])) for n in fusion_names],
+         [TensorSpec(kind, "FP32", (-1, fused_width))], {}),
     ]  # fmt: skip
-    exported = []
-    steps: dict[str, int] = {}
-    for name, model, inputs, in_specs, out_specs, preprocessing in plans:
+    exported, written = [], []
+    for name, model, inputs, in_specs, out_specs, step_preprocessing in plans:
         started = time.perf_counter()
-        version = max(list_versions(repository, name), default=0) + 1
-        vdir = staging / name / str(version)
-        vdir.mkdir(parents=True)
         proto = to_onnx(model, name, [t.name for t in in_specs], [t.name for t in out_specs], opset)
-        ops = gate(proto, name)
-        path = vdir / MODEL_FILE
-        path.write_bytes(proto.SerializeToString())
-        diff = parity(model, path, inputs, name)
+        ops = gate(proto, name, layer_names(model))
+        onnx_bytes = proto.SerializeToString()
+        diff = parity(model, onnx_bytes, inputs, name)
         seconds = time.perf_counter() - started
-        if name == "text_encoder":
-            vocab.save(vdir / "vocab.json")
-        config = ModelConfig(
-            name=name,
-            version=version,
-            platform=PLATFORM_ONNX,
-            inputs=tuple(in_specs),
-            outputs=tuple(out_specs),
-            max_batch_size=max_batch_size,
-            model_file=MODEL_FILE,
-            sha256=sha256_file(path),
-            opset=opset,
-            preprocessing=preprocessing,
-            labels=tuple(labels) if name == "fusion" else (),
-            vocabulary_file="vocab.json" if name == "text_encoder" else None,
-            versions=versions,
+        config = stage.add_model(ModelConfig(
+            name=name, version=1, platform="", inputs=tuple(in_specs), outputs=tuple(out_specs),
+            max_batch_size=max_batch_size, opset=opset, preprocessing=step_preprocessing,
+            labels=tuple(labels) if name == "fusion" else (), versions=versions,
             parity={"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "samples": samples,
                     "inputs": "held-out generated samples, preprocessed as the server does"},
             extra={"created": created, "source": source, "export_seconds": round(seconds, 2), "ops": list(ops)},
-        )  # fmt: skip
-        write_json(vdir / CONFIG_FILE, config.to_json())
-        steps[name] = version
-        exported.append(ExportedModel(name, version, diff, path.stat().st_size, seconds, ops))
-        logger.info("%s v%d: max abs diff %.3g, %d bytes, %.1fs", name, version, diff, path.stat().st_size, seconds)
-
-    pipeline_version = max(list_versions(repository, PIPELINE_NAME), default=0) + 1
-    pdir = staging / PIPELINE_NAME / str(pipeline_version)
-    pdir.mkdir(parents=True)
-    vocab.save(pdir / "vocab.json")
-    write_json(pdir / "labels.json", labels)
-    pipeline = ModelConfig(
-        name=PIPELINE_NAME,
-        version=pipeline_version,
-        platform=PLATFORM_PIPELINE,
-        inputs=(TensorSpec("IMAGE", "BYTES", (-1,)), TensorSpec("TEXT", "BYTES", (-1,))),
-        outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, n_classes)), TensorSpec("LABEL", "BYTES", (-1,))),
-        max_batch_size=max_batch_size,
-        steps=steps,
-        roles={
-            "image_encoder": {"model": "image_encoder", "input": "image", "output": "image_features"},
-            "text_encoder": {"model": "text_encoder", "input": "tokens", "output": "text_features"},
-            "fusion": {"model": "fusion", "image_input": "image_features", "text_input": "text_features",
-                       "output": "probabilities"},
-        },
-        preprocessing={
-            "image": plans[0][5],
-            "text": plans[1][5],
-            "description": "IMAGE (encoded PNG/JPEG/BMP/WebP bytes) → image_encoder; TEXT (UTF-8) → "
-            "tokens → text_encoder; both features → fusion → PROBABILITIES, LABEL = labels[argmax]",
-        },
-        labels=tuple(labels),
-        vocabulary_file="vocab.json",
-        versions=versions,
-        extra={"created": created, "source": source},
-    )
-    write_json(pdir / CONFIG_FILE, pipeline.to_json())
-    return ExportResult(repository, tuple(exported), pipeline_version)
+        ), onnx_bytes, vocab if name == "text_encoder" else None)  # fmt: skip
+        written.append(config)
+        exported.append(ExportedModel(name, config.version, diff, len(onnx_bytes), seconds, ops))
+        logger.info("%s v%d: max abs diff %.3g, %d bytes, %.1fs", name, config.version, diff, len(onnx_bytes), seconds)
+    roles = Roles(*written, fusion_inputs=("image_features", "text_features"))
+    pipeline_version = stage.add_pipeline(roles, preprocessing, vocab, labels, positive_label,
+                                          max_batch_size=max_batch_size, versions=versions,
+                                          extra={"created": created, "source": source})  # fmt: skip
+    return ExportResult(stage.repository, tuple(exported), pipeline_version)
 
 
 def export_from_dir(trained: Path, repository: Path, *, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -416,27 +359,49 @@ def export_files(
     image: Path,
     text: Path,
     fusion: Path,
-    vocab_file: Path,
+    vocab_file: Path | None,
     repository: Path,
     *,
     labels_file: Path | None = None,
+    image_preprocessing_declared: str | None = None,
+    pad_sequences: dict[str, Any] | None = None,
+    positive_label: str | None = None,
+    fusion_outputs: str | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> ExportResult:
-    """Export three ``.keras`` files and a vocabulary JSON (users' own models)."""
-    import json
+    """Export three ``.keras`` files (users' own models) with their tokenizer and image preprocessing.
 
-    vocab_file = Path(vocab_file)
-    try:
-        vocab = Vocabulary.load(vocab_file)
-    except FileNotFoundError as e:
-        raise ExportError(f"vocabulary {str(vocab_file)!r} does not exist") from e
-    except (ValueError, OSError) as e:
-        raise ExportError(f"vocabulary {str(vocab_file)!r} is not a valid vocabulary JSON: {e}") from e
+    Args:
+        image: the image model.
+        text: the text model.
+        fusion: the fusion model.
+        vocab_file: a Keras ``Tokenizer.to_json()`` or a fusionserve vocabulary; None when the text model
+            starts with TextVectorization.
+        repository: where the new versions go.
+        labels_file: a JSON list of class labels.
+        image_preprocessing_declared: a mode (``seed``, ``caffe``, ``tf``, ``torch``) or a JSON file.
+        pad_sequences: ``maxlen``, ``padding``, ``truncating``, ``value`` (None: Keras' defaults; maxlen:
+            the text model's input length).
+        positive_label: the class Rank scores.
+        fusion_outputs: ``probabilities`` or ``features`` (see :func:`export`).
+        opset: the ONNX opset.
+    """
     models = [load_keras_model(p, role) for p, role in ((image, "image"), (text, "text"), (fusion, "fusion"))]
+    pad = {k: v for k, v in (pad_sequences or {}).items() if v is not None}
+    vocab = None
+    if vocab_file is not None:
+        length = _dims(models[1].inputs[0].shape)[1:2]
+        try:
+            vocab = read_tokenizer(Path(vocab_file), pad.get("maxlen") or (length[0] if length else None))
+            vocab = with_pad_sequences(vocab, pad)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    elif pad:
+        raise ExportError("pad_sequences settings are for a tokenizer file; TextVectorization pads by itself")
+    labels = None
     if labels_file is not None and Path(labels_file).is_file():
         labels = [str(x) for x in json.loads(Path(labels_file).read_text(encoding="utf-8"))]
-    else:
-        classes = int(models[2].outputs[0].shape[-1])
-        labels = list(gen.LABELS) if classes == len(gen.LABELS) else [f"class_{i}" for i in range(classes)]
     source = {"image_model": str(image), "text_model": str(text), "fusion_model": str(fusion)}
-    return export(*models, vocab, labels, repository, opset=opset, source=source)
+    return export(*models, vocab, labels, repository, preprocessing=image_preprocessing_declared,
+                  positive_label=positive_label,
+                  fusion_outputs=fusion_outputs, opset=opset, source=source)  # fmt: skip

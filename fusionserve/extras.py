@@ -14,6 +14,7 @@ from fusionserve.errors import FusionServeError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("onnxruntime", "cv2", "prometheus_client", "grpc_health", "grpc_reflection"),
     "export": ("tensorflow", "keras", "tf2onnx", "onnx"),
+    "import": ("onnxruntime", "cv2", "onnx"),
 }
 
 

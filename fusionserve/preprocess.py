@@ -1,40 +1,68 @@
 """Preprocessing shared by training and serving; imports neither TensorFlow nor gRPC.
 
-Text follows Keras' ``text_to_word_sequence`` + ``pad_sequences`` (padding and truncation at the
-front by default, at the back when a vocabulary says ``post``); images follow the seed's OpenCV
-``preprocess_image`` by default (BGR, ``cv2.INTER_LINEAR`` resize, float32 in [0, 1]), and
-:class:`ImagePreprocessing` describes any other colour order, scale or interpolation a
-repository's models were trained with. Both are tested against the reference implementations, so
-train/serve skew cannot creep in.
+Text: :class:`Vocabulary` turns texts into token ids the way the model was trained to read them:
+fusionserve's own convention by default (Keras' ``text_to_word_sequence``, 0 = padding, 1 = out of
+vocabulary, ``pad_sequences`` at the front), and every setting of a Keras ``Tokenizer`` (``lower``,
+``filters``, ``split``, ``char_level``, ``num_words``, ``oov_token`` or dropping unknown words, the
+index base) or a Keras 3 ``TextVectorization`` layer (ASCII lower-casing, punctuation stripped,
+whitespace or character split, padding at the back) when a repository records them. Images:
+:class:`ImagePreprocessing` (the seed's OpenCV path by default: BGR, ``cv2.INTER_LINEAR`` resize,
+``/ 255``), with any colour order, interpolation, scale, per-channel mean and std, which covers
+``keras.applications``' ``caffe``, ``tf`` and ``torch`` modes (:data:`IMAGE_MODES`). Both are tested
+against the reference implementations, so train/serve skew cannot creep in.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
+import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from fusionserve.errors import InvalidInputError
+from fusionserve.preprocessing_defaults import IMAGE_MODES, PAD_SEQUENCES_DEFAULTS, SIDES
 
 KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
-PAD_INDEX = 0
+PAD_INDEX = PAD_SEQUENCES_DEFAULTS["value"]
 OOV_INDEX = 1
 OOV_TOKEN = "[UNK]"
+VOCABULARY_FORMAT = 2  # version 1 (no "format" key) knew only fusionserve's own convention
 
-_FILTER_TABLE = str.maketrans({c: " " for c in KERAS_FILTERS})
-# The settings to_json() records; from_json() rejects a file that declares different ones.
-_CONVENTIONS = {
-    "pad_index": PAD_INDEX,
-    "oov_index": OOV_INDEX,
-    "filters": KERAS_FILTERS,
-    "lower": True,
-}
-SIDES = ("pre", "post")  # where pad_sequences pads and truncates
+# How a text is split into words: on a separator string (Keras' Tokenizer, ``split=" "``), on runs
+# of ASCII whitespace (``tf.strings.split``, TextVectorization's "whitespace") or into characters.
+SPLIT_WHITESPACE = "whitespace"
+SPLIT_CHARACTER = "character"
+# ``lower``: True is Python's ``str.lower`` (Keras' Tokenizer), "ascii" lower-cases A-Z only (``tf.strings.lower``).
+LOWER_ASCII = "ascii"
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_ASCII_WHITESPACE = re.compile("[ \t\n\x0b\x0c\r]+")
+
+
+def split_words(text: str, *, lower: bool | str = True, filters: str = KERAS_FILTERS, replacement: str = " ",
+                split: str = " ") -> list[str]:  # fmt: skip
+    """Lower-case, replace every filtered character by ``replacement``, split, drop empty words.
+
+    With the defaults this is Keras' ``text_to_word_sequence``; ``split`` is a separator string,
+    :data:`SPLIT_WHITESPACE` or :data:`SPLIT_CHARACTER` (every code point left a word).
+    """
+    if lower is True:
+        text = text.lower()
+    elif lower == LOWER_ASCII:
+        text = text.translate(_ASCII_LOWER)
+    if filters:
+        table: dict[str, str | int | None] = dict.fromkeys(filters, replacement)
+        text = text.translate(str.maketrans(table))
+    if split == SPLIT_CHARACTER:
+        return list(text)
+    parts = _ASCII_WHITESPACE.split(text) if split == SPLIT_WHITESPACE else text.split(split)
+    return [w for w in parts if w]
 
 
 def text_to_word_sequence(text: str) -> list[str]:
@@ -43,18 +71,17 @@ def text_to_word_sequence(text: str) -> list[str]:
     Lower-cases, turns every filtered character into a space, splits on single spaces and drops
     empty strings.
     """
-    return [w for w in text.lower().translate(_FILTER_TABLE).split(" ") if w]
+    return split_words(text)
 
 
-def pad_tokens(
-    sequences: Sequence[Sequence[int]], max_length: int, padding: str = "pre", truncating: str = "pre"
-) -> np.ndarray:
+def pad_tokens(sequences: Sequence[Sequence[int]], max_length: int, padding: str = "pre", truncating: str = "pre",
+               value: int = PAD_INDEX) -> np.ndarray:  # fmt: skip
     """Pad and truncate as Keras' ``pad_sequences`` does (``pre``: at the front, its default; or ``post``).
 
     Returns:
-        int32 array of shape ``[len(sequences), max_length]``.
+        int32 array of shape ``[len(sequences), max_length]``, ``value`` where there are no tokens.
     """
-    out = np.full((len(sequences), max_length), PAD_INDEX, dtype=np.int32)
+    out = np.full((len(sequences), max_length), value, dtype=np.int32)
     for row, seq in enumerate(sequences):
         if not seq:
             continue
@@ -68,13 +95,49 @@ def pad_tokens(
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Word → index map: 0 is padding, 1 is out-of-vocabulary, then words by frequency."""
+    """How texts become the text encoder's token ids: words, their ids, and padding to a fixed length.
+
+    Words come from :func:`split_words` (``lower``, ``filters`` turned into ``filter_replacement``,
+    ``split``); a word of ``word_index`` with an id below ``max_words`` takes that id, any other word
+    ``oov_index`` (None: it is dropped, as Keras' Tokenizer without ``oov_token`` does); the ids are
+    padded and truncated to ``max_length`` with ``pad_value`` (the padding settings, in one place:
+    :meth:`pad` is their only reader). The defaults are fusionserve's own convention: 0 pads, 1 is
+    out of vocabulary, words from 2.
+    """
 
     word_index: dict[str, int]
     max_words: int = 10_000
     max_length: int = 100
     padding: str = "pre"
     truncating: str = "pre"
+    pad_value: int = PAD_INDEX
+    oov_index: int | None = OOV_INDEX
+    oov_token: str | None = OOV_TOKEN
+    lower: bool | str = True
+    filters: str = KERAS_FILTERS
+    filter_replacement: str | None = None  # None: the split separator (Keras' Tokenizer); "" strips them
+    split: str = " "
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.padding not in SIDES or self.truncating not in SIDES:
+            problems.append(f"padding/truncating must be 'pre' or 'post', not {self.padding!r}/{self.truncating!r}")
+        if self.max_length < 1 or self.max_words < 2:
+            problems.append(f"needs max_length >= 1 and max_words >= 2, has {self.max_length} and {self.max_words}")
+        if self.lower not in (True, False, LOWER_ASCII):
+            problems.append(f"lower must be true, false or {LOWER_ASCII!r}, not {self.lower!r}")
+        if not self.split:
+            problems.append("split must be a separator, 'whitespace' or 'character', not empty")
+        if self.oov_index is not None and not 0 <= self.oov_index < self.max_words:
+            problems.append(f"oov_index {self.oov_index} is outside [0, {self.max_words})")
+        ids = self.word_index.values()
+        if ids and (min(ids) < 1 or max(ids) >= self.max_words):
+            problems.append(f"word indices must lie in [1, {self.max_words})")
+        clashes = sorted(w for w, i in self.word_index.items() if i == self.oov_index and w != self.oov_token)
+        if clashes:
+            problems.append(f"words {clashes[:5]} take the out-of-vocabulary index {self.oov_index}")
+        if problems:
+            raise ValueError("vocabulary " + "; ".join(problems))
 
     @classmethod
     def fit(cls, texts: Iterable[str], max_words: int = 10_000, max_length: int = 100) -> Vocabulary:
@@ -86,22 +149,44 @@ class Vocabulary:
         words = [w for w, _ in counts.most_common(max_words - 2)]
         return cls({w: i + 2 for i, w in enumerate(words)}, max_words=max_words, max_length=max_length)
 
+    def words(self, text: str) -> list[str]:
+        """The words of one text, as this vocabulary splits it."""
+        replacement = self.filter_replacement
+        if replacement is None:
+            replacement = self.split if self.split not in (SPLIT_WHITESPACE, SPLIT_CHARACTER) else " "
+        return split_words(text, lower=self.lower, filters=self.filters, replacement=replacement, split=self.split)
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids of one text before padding (unknown words: ``oov_index``, or none)."""
+        index, oov = self.word_index, self.oov_index
+        found = (index.get(w, oov) for w in self.words(text))
+        return [i for i in found if i is not None]
+
+    def pad(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Token ids padded and truncated to ``[N, max_length]`` int32 with this vocabulary's settings."""
+        return pad_tokens(sequences, self.max_length, self.padding, self.truncating, self.pad_value)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts → int32 tokens ``[N, max_length]``; unknown words map to the OOV index."""
-        index = self.word_index
-        seqs = [[index.get(w, OOV_INDEX) for w in text_to_word_sequence(t)] for t in texts]
-        return pad_tokens(seqs, self.max_length, self.padding, self.truncating)
+        """Texts → int32 tokens ``[N, max_length]``."""
+        return self.pad([self.ids(t) for t in texts])
+
+    def with_padding(self, **settings: Any) -> Vocabulary:
+        """The same words with other padding settings (``max_length``, ``padding``, ``truncating``, ``pad_value``)."""
+        return replace(self, **settings)
 
     def to_json(self) -> dict:
         """A JSON-ready dict; see :meth:`from_json`."""
         return {
+            "format": VOCABULARY_FORMAT,
             "max_words": self.max_words,
             "max_length": self.max_length,
-            "pad_index": PAD_INDEX,
-            "oov_index": OOV_INDEX,
-            "oov_token": OOV_TOKEN,
-            "filters": KERAS_FILTERS,
-            "lower": True,
+            "pad_index": self.pad_value,
+            "oov_index": self.oov_index,
+            "oov_token": self.oov_token,
+            "filters": self.filters,
+            "filter_replacement": self.filter_replacement,
+            "lower": self.lower,
+            "split": self.split,
             "padding": self.padding,
             "truncating": self.truncating,
             "word_index": self.word_index,
@@ -109,28 +194,33 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, data: dict) -> Vocabulary:
-        """Load a vocabulary written by :meth:`to_json`, checking that it is well formed."""
+        """Load a vocabulary written by :meth:`to_json` (either format), checking that it is well formed.
+
+        A version 1 file (no ``format``) names only fusionserve's own convention, the defaults here.
+        """
+        defaults = cls({})
         try:
-            word_index = {str(k): int(v) for k, v in data["word_index"].items()}
-            max_words = int(data["max_words"])
-            max_length = int(data["max_length"])
-            padding, truncating = str(data.get("padding", "pre")), str(data.get("truncating", "pre"))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"malformed vocabulary: {e!r}") from e
-        if padding not in SIDES or truncating not in SIDES:
-            raise ValueError(f"vocabulary padding/truncating must be 'pre' or 'post', not {padding!r}/{truncating!r}")
-        if max_length < 1 or max_words < 2:
-            raise ValueError(
-                f"vocabulary needs max_length >= 1 and max_words >= 2, has {max_length} and {max_words}"
+            version = int(data.get("format", 1))
+            if version > VOCABULARY_FORMAT:
+                raise ValueError(f"vocabulary format {version} is newer than this fusionserve's {VOCABULARY_FORMAT}")
+            oov = data.get("oov_index", defaults.oov_index)
+            replacement = data.get("filter_replacement", defaults.filter_replacement)
+            return cls(
+                {str(k): int(v) for k, v in data["word_index"].items()},
+                max_words=int(data["max_words"]),
+                max_length=int(data["max_length"]),
+                padding=str(data.get("padding", defaults.padding)),
+                truncating=str(data.get("truncating", defaults.truncating)),
+                pad_value=int(data.get("pad_index", defaults.pad_value)),
+                oov_index=None if oov is None else int(oov),
+                oov_token=data.get("oov_token", defaults.oov_token),
+                lower=data.get("lower", defaults.lower),
+                filters=str(data.get("filters", defaults.filters)),
+                filter_replacement=None if replacement is None else str(replacement),
+                split=str(data.get("split", defaults.split)),
             )
-        if word_index and (min(word_index.values()) < 2 or max(word_index.values()) >= max_words):
-            raise ValueError(f"vocabulary indices must lie in [2, {max_words})")
-        # A file that declares other tokenisation settings would be encoded differently from how
-        # its model was trained: refuse it rather than skew silently.
-        for key, ours in _CONVENTIONS.items():
-            if key in data and data[key] != ours:
-                raise ValueError(f"vocabulary declares {key}={data[key]!r}; only {ours!r} is supported")
-        return cls(word_index, max_words=max_words, max_length=max_length, padding=padding, truncating=truncating)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed vocabulary: {e!r}") from e
 
     def save(self, path: Path) -> None:
         """Write the vocabulary as JSON."""
@@ -179,12 +269,18 @@ _INTERPOLATIONS = {"INTER_LINEAR": cv2.INTER_LINEAR, "INTER_AREA": cv2.INTER_ARE
                    "INTER_CUBIC": cv2.INTER_CUBIC, "INTER_NEAREST": cv2.INTER_NEAREST}  # fmt: skip
 
 
+Channels = tuple[float, float, float]
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """How decoded images become an image encoder's input: size, colour order, interpolation, scale.
+    """How decoded images become an image encoder's input.
 
-    ``scale`` multiplies the pixel values, or divides them when written as ``"1/N"`` (the default,
-    ``"1/255"``, is the seed's ``/ 255``: exactly, not a rounded multiplier); ``offset`` is added after.
+    Resize to ``height`` × ``width`` (``interpolation``), put the channels in ``color_order``, then in
+    float32: multiply by ``scale`` (or divide, when written ``"1/N"``: the default ``"1/255"`` is the
+    seed's ``/ 255`` exactly, not a rounded multiplier), subtract the per-channel ``mean``, divide by
+    the per-channel ``std`` (both in ``color_order``), add ``offset``: the order ``keras.applications``'
+    ``preprocess_input`` works in, so each step rounds as it does there.
     """
 
     height: int
@@ -193,6 +289,8 @@ class ImagePreprocessing:
     interpolation: str = "INTER_LINEAR"
     scale: str | float = "1/255"
     offset: float = 0.0
+    mean: Channels | None = None
+    std: Channels | None = None
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -202,6 +300,19 @@ class ImagePreprocessing:
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, not {self.interpolation!r}")
         self._divisor()  # raises on a malformed scale
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+                raise ValueError(f"{name} must be three numbers, one per channel in {self.color_order}, not {value!r}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise ValueError(f"std must be positive, not {self.std!r}")
+
+    @classmethod
+    def mode(cls, name: str, height: int, width: int) -> ImagePreprocessing:
+        """A named mode of :data:`IMAGE_MODES` at the given size."""
+        if name not in IMAGE_MODES:
+            raise ValueError(f"unknown image preprocessing mode {name!r}; the modes are {sorted(IMAGE_MODES)}")
+        return cls(height, width, **IMAGE_MODES[name])
 
     def _divisor(self) -> float | None:
         if isinstance(self.scale, str):
@@ -225,22 +336,37 @@ class ImagePreprocessing:
         divisor = self._divisor()
         pixels = image.astype(np.float32)
         pixels = pixels / np.float32(divisor) if divisor else pixels * np.float32(self.scale)
+        if self.mean is not None:
+            pixels -= np.asarray(self.mean, np.float32)
+        if self.std is not None:
+            pixels /= np.asarray(self.std, np.float32)
         return pixels + np.float32(self.offset) if self.offset else pixels
 
     def to_json(self) -> dict:
-        """A JSON-ready dict (a pipeline config's ``preprocessing.image``)."""
-        return {"height": self.height, "width": self.width, "channels": 3, "color_order": self.color_order,
+        """A JSON-ready dict (a pipeline config's ``preprocessing.image``); mean and std only when set."""
+        data = {"height": self.height, "width": self.width, "channels": 3, "color_order": self.color_order,
                 "interpolation": self.interpolation, "scale": self.scale, "offset": self.offset}  # fmt: skip
+        data.update({k: list(v) for k, v in (("mean", self.mean), ("std", self.std)) if v is not None})
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> ImagePreprocessing:
-        """Read :meth:`to_json`'s dict; ValueError names what is wrong."""
+        """Read :meth:`to_json`'s dict; ``mode`` (a key of :data:`IMAGE_MODES`) sets what the dict leaves out.
+
+        ValueError names what is wrong.
+        """
         try:
             if int(data.get("channels", 3)) != 3:
                 raise ValueError(f"channels must be 3, not {data['channels']!r}")
-            return cls(int(data["height"]), int(data["width"]), str(data.get("color_order", "BGR")),
-                       str(data.get("interpolation", "INTER_LINEAR")), data.get("scale", "1/255"),
-                       float(data.get("offset", 0.0)))  # fmt: skip
+            height, width = int(data["height"]), int(data["width"])
+            keys = ("color_order", "interpolation", "scale", "offset", "mean", "std")
+            given = {k: data[k] for k in keys if k in data}
+            for key in ("mean", "std"):
+                if given.get(key) is not None:
+                    given[key] = tuple(given[key])
+            if "offset" in given:
+                given["offset"] = float(given["offset"])
+            return replace(cls.mode(str(data.get("mode", "seed")), height, width), **given)
         except (KeyError, TypeError) as e:
             raise ValueError(f"image preprocessing needs height and width ({e!r})") from e
 

@@ -30,6 +30,9 @@ PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_PIPELINE = "pipeline"
 PIPELINE_NAME = "multimodal"
 DEFAULT_MAX_BATCH_SIZE = 64  # a config that names none
+# What a pipeline's fusion model outputs (its config's roles.fusion.outputs): class probabilities, the
+# default, or fused features (no labels: the pipeline embeds).
+FUSION_CLASSES, FUSION_FEATURES = "probabilities", "features"
 
 # Model names double as folder names: allow no path separators, dots or other surprises.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")

@@ -25,7 +25,7 @@ from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.lifecycle import ModelControl
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
-from fusionserve.server.pipeline import MultimodalPipeline, PipelineResult, Ranking
+from fusionserve.server.pipeline import Embeddings, MultimodalPipeline, PipelineResult, Ranking
 from fusionserve.server.registry import READY, ModelEntry, ModelRegistry
 from fusionserve.server.settings import ServerSettings
 
@@ -155,11 +155,11 @@ class ServingCore:
 
     async def embed(
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
-    ) -> tuple[ModelEntry, np.ndarray | None, np.ndarray | None]:
-        """Image and/or text embeddings from a pipeline's encoders."""
+    ) -> tuple[ModelEntry, Embeddings]:
+        """Image and/or text embeddings from a pipeline's encoders (see MultimodalPipeline.embed)."""
         with self._pipeline(name, version, max(len(images), len(texts)), deadline) as (entry, pipeline):
-            image_features, text_features = await pipeline.embed(images, texts, deadline=deadline)
-        return entry, image_features, text_features
+            embeddings = await pipeline.embed(images, texts, deadline=deadline)
+        return entry, embeddings
 
     async def rank(
         self,

@@ -110,6 +110,8 @@ class CachedEncoder:
             compute: run the encoder on the items at these indices (one of each distinct input);
                 returns their outputs and their per-item errors.
         """
+        if not materials:  # a call of the other modality only: nothing to compute (an empty batch is refused)
+            return {}, {}
         if self.cache is None:
             return await compute(list(range(len(materials))))
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline_config import Step
 
 INLINE_DECODE_BYTES = 32 * 1024
+TOKEN_DTYPE = np.dtype(np.int32)  # what the vocabulary encodes to, and most exported text encoders take
 Features = tuple[dict[int, np.ndarray], dict[int, Exception]]
 
 
@@ -77,14 +78,15 @@ class TextEncoder:
     """Texts → text features, through the tokeniser, the cache and the text encoder's batcher."""
 
     def __init__(self, step: Step, batcher: DynamicBatcher, vocabulary: Vocabulary, cache: EmbeddingCache | None,
-                 metrics: Metrics) -> None:  # fmt: skip
+                 metrics: Metrics, dtype: np.dtype = TOKEN_DTYPE) -> None:  # fmt: skip
         self.step, self.batcher, self.vocabulary = step, batcher, vocabulary
+        self.dtype = dtype  # the text encoder's id type (int64 for most PyTorch exports)
         settings = (vocabulary.max_length, vocabulary.padding, vocabulary.truncating)
         self.cached = CachedEncoder(step.model, step.version, settings, cache, metrics)
 
     async def features(self, texts: Sequence[str], *, deadline: float | None, lone: bool = False) -> Features:
         """Per index, the text's features (keyed in the cache by its token ids)."""
-        tokens = self.vocabulary.encode(texts)
+        tokens = self.vocabulary.encode(texts).astype(self.dtype, copy=False)
 
         async def compute(indices: list[int]) -> Features:
             out = await self.batcher.submit({self.step.inputs[0]: tokens[indices]}, deadline=deadline, lone=lone)

@@ -20,7 +20,7 @@ import numpy as np
 
 from fusionserve.errors import DeviceUnavailableError, RepositoryError
 from fusionserve.preprocess import encode_png
-from fusionserve.repository import ModelConfig, load_config, version_dir
+from fusionserve.repository import DATATYPES, ModelConfig, load_config, version_dir
 from fusionserve.server.batcher import DynamicBatcher
 from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.encoders import ImageEncoder, TextEncoder
@@ -124,7 +124,7 @@ async def load_pipeline(
         entry.pipeline = MultimodalPipeline(
             plan=plan,
             images=ImageEncoder(plan.image, image.batcher, plan.image_preprocessing, limits, executor, cache, metrics),
-            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics),
+            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics, DATATYPES[plan.token_datatype]),
             fusion=fusion.batcher,
             limits=limits,
             max_batch_size=settings.max_batch_size or config.max_batch_size,

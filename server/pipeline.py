@@ -1,9 +1,10 @@
-"""The ``multimodal`` pipeline: encoded image + text → probabilities and label.
+"""The ``multimodal`` pipeline: encoded image + text → probabilities and label (or fused features).
 
 Both encoders (server/encoders.py: decode or tokenise, the embedding cache, the batchers) run
 concurrently, then the fusion model (batched too). ``rank`` scores one query against candidates of
-the other modality, encoding the query once. Tensor names, image size and preprocessing, token length
-and padding come from the pipeline's :class:`~fusionserve.server.pipeline_config.PipelinePlan`.
+the other modality, encoding the query once, by the probability of the plan's positive label. Tensor
+names, image size and preprocessing, token length and padding, labels and whether the fusion model
+outputs classes or features come from the pipeline's :class:`~fusionserve.server.pipeline_config.PipelinePlan`.
 """
 
 from __future__ import annotations
@@ -23,22 +24,50 @@ from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.server.room import Room
 
 
+def no_classes_error() -> InvalidInputError:
+    """The answer to a class question (Classify, Rank) put to a pipeline whose fusion model outputs features."""
+    return InvalidInputError("this pipeline has no classes: its fusion model outputs fused features; "
+                             "call Embed with images and texts (V2: ModelInfer, output FEATURES)")  # fmt: skip
+
+
 @dataclass
 class PipelineResult:
-    """Per-item outcome: rows of the arrays line up with ``ok`` (indices of items that worked)."""
+    """Per-item outcome: rows of the arrays line up with ``ok`` (indices of items that worked).
+
+    ``fused`` is the fusion model's output: class probabilities when there are ``labels``, fused features otherwise.
+    """
 
     size: int
     ok: list[int]
     errors: dict[int, FusionServeError]
-    probabilities: np.ndarray
+    fused: np.ndarray
     image_features: np.ndarray
     text_features: np.ndarray
     labels: tuple[str, ...]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The class probabilities; InvalidInputError when the pipeline has no classes."""
+        if not self.labels:
+            raise no_classes_error()
+        return self.fused
 
     def label_of(self, row: int) -> tuple[int, str]:
         """(index, name) of the most probable label for a row."""
         index = int(np.argmax(self.probabilities[row]))
         return index, self.labels[index]
+
+
+@dataclass
+class Embeddings:
+    """Embed's answer: each encoder's features, and maybe the fused features of (image, text) pairs.
+
+    ``fused`` is there when the fusion model outputs features and as many images as texts were sent.
+    """
+
+    image: np.ndarray | None
+    text: np.ndarray | None
+    fused: np.ndarray | None = None
 
 
 @dataclass
@@ -67,8 +96,6 @@ class MultimodalPipeline:
         self.plan = plan
         self.image_encoder, self.text_encoder, self.fusion = images, texts, fusion
         self.labels = plan.labels
-        # The label a match probability is the probability of: "match" when there is one, else the last.
-        self.positive = self.labels.index("match") if "match" in self.labels else len(self.labels) - 1
         self.limits = limits
         self.max_batch_size = max_batch_size
         self.room = Room(max_inflight_items, "the pipeline (max_pipeline_items)")
@@ -158,8 +185,8 @@ class MultimodalPipeline:
             return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)  # type: ignore[arg-type]
         image_features = np.stack([image_rows[i] for i in ok])
         text_features = np.stack([text_rows[i] for i in ok])
-        probabilities = await self._fuse(image_features, text_features, deadline, lone)
-        return PipelineResult(n, ok, errors, probabilities, image_features, text_features,  # type: ignore[arg-type]
+        fused = await self._fuse(image_features, text_features, deadline, lone)
+        return PipelineResult(n, ok, errors, fused, image_features, text_features,  # type: ignore[arg-type]
                               self.labels)  # fmt: skip
 
     async def _fuse(self, image_features: np.ndarray, text_features: np.ndarray, deadline: float | None,
@@ -172,8 +199,8 @@ class MultimodalPipeline:
 
     async def embed(
         self, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Image and/or text embeddings; any bad item fails the call with InvalidInputError."""
+    ) -> Embeddings:
+        """Image and/or text embeddings (and fused ones, see :class:`Embeddings`); any bad item fails the call."""
         if not images and not texts:
             raise InvalidInputError("empty request: send images and/or texts")
         for count in (len(images), len(texts)):
@@ -188,7 +215,10 @@ class MultimodalPipeline:
             self._raise_first(image_errors)
             image_features = np.stack([image_rows[i] for i in range(len(images))]) if images else None
             text_features = np.stack([text_rows[i] for i in range(len(texts))]) if texts else None
-            return image_features, text_features
+            fused = None
+            if not self.plan.classifies and image_features is not None and len(images) == len(texts):
+                fused = await self._fuse(image_features, text_features, deadline)  # type: ignore[arg-type]
+            return Embeddings(image_features, text_features, fused)
 
     async def rank(
         self,
@@ -205,6 +235,8 @@ class MultimodalPipeline:
             InvalidInputError: no query or both, candidates of the query's own modality, none or too
                 many, or a bad candidate or query (named).
         """
+        if self.plan.positive is None:
+            raise no_classes_error()
         if (image is None) == (text is None):
             raise InvalidInputError("rank needs one query: an image or a text")
         candidates = texts if image is not None else images
@@ -232,6 +264,6 @@ class MultimodalPipeline:
             repeated = np.repeat(query[0][None, :], n, axis=0)
             stacked = np.stack([rows[i] for i in range(n)])
             pair = (repeated, stacked) if image is not None else (stacked, repeated)
-            scores = (await self._fuse(*pair, deadline))[:, self.positive]
+            scores = (await self._fuse(*pair, deadline))[:, self.plan.positive]
         order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
-        return Ranking(scores, order, self.labels[self.positive])
+        return Ranking(scores, order, self.labels[self.plan.positive])

@@ -1,21 +1,26 @@
 """A pipeline's plan, read from its ``config.json`` and checked against its steps' configs.
 
-A pipeline config names three roles and the tensors each is reached through::
+A pipeline config names three roles and the tensors each is reached through, and its own tensors::
 
     "steps": {"image_encoder": 1, "text_encoder": 1, "fusion": 1},
     "roles": {
       "image_encoder": {"model": "image_encoder", "input": "image", "output": "image_features"},
       "text_encoder": {"model": "text_encoder", "input": "tokens", "output": "text_features"},
       "fusion": {"model": "fusion", "image_input": "image_features", "text_input": "text_features",
-                 "output": "probabilities"}},
+                 "output": "probabilities", "outputs": "probabilities", "positive_label": "match"},
+      "pipeline": {"image": "IMAGE", "text": "TEXT", "probabilities": "PROBABILITIES", "label": "LABEL"}},
     "preprocessing": {"image": {"height": 64, "width": 64, "color_order": "BGR", "scale": "1/255", ...},
                       "text": {"max_length": 100, "padding": "pre", "truncating": "pre"}}
 
-What a config leaves out is taken from the steps (a role's model is the step of the role's name; a
-tensor is the step's only input or output; the fusion model's first input is the image's); what it
-says must agree with them: image size with the image encoder's input, token length and padding with
-the vocabulary and the text encoder's input, feature widths between encoders and fusion, classes
-with the labels. A contradiction is a RepositoryError that names the file and both sides.
+The fusion model outputs class ``probabilities`` (one per label; ``positive_label`` is the class
+``Rank`` scores, by default the last) or fused ``features`` (no labels: the pipeline embeds, and its
+own outputs are ``{"features": "FEATURES"}``). What a config leaves out is taken from the steps (a
+role's model is the step of the role's name; a tensor is the step's only input or output; the fusion
+model's first input is the image's; the pipeline's own tensors in the order image, text, then
+probabilities and label); what it says must agree with them: image size with the image encoder's
+input, token length and padding with the vocabulary and the text encoder's input, feature widths
+between encoders and fusion, classes with the labels. A contradiction is a RepositoryError that
+names the file and both sides.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from pathlib import Path
 
 from fusionserve.errors import RepositoryError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary
-from fusionserve.repository import INTEGER_DATATYPES, ModelConfig, TensorSpec
+from fusionserve.repository import FUSION_CLASSES, FUSION_FEATURES, INTEGER_DATATYPES, ModelConfig, TensorSpec
 
 ROLES = ("image_encoder", "text_encoder", "fusion")
+PIPELINE_ROLE = "pipeline"  # the pipeline's own tensors, by name
+CLASSES, FEATURES = FUSION_CLASSES, FUSION_FEATURES
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,15 @@ class PipelinePlan:
     fusion: Step
     image_preprocessing: ImagePreprocessing
     vocabulary: Vocabulary
-    labels: tuple[str, ...]
+    labels: tuple[str, ...]  # empty when the fusion model outputs features
+    positive: int | None  # the index of the label Rank scores; None without labels
+    tensors: dict[str, str]  # the pipeline's own tensors: image, text, then probabilities and label, or features
+    token_datatype: str  # what the text encoder takes its ids as
+
+    @property
+    def classifies(self) -> bool:
+        """True when the fusion model outputs class probabilities, False when it outputs fused features."""
+        return self.positive is not None
 
     @property
     def steps(self) -> tuple[Step, Step, Step]:
@@ -83,6 +98,8 @@ def _step(pipeline: ModelConfig, role: str, steps: Mapping[str, ModelConfig], wh
     if role == "fusion":
         if "image_input" in declared or "text_input" in declared:
             inputs = (declared.get("image_input", ""), declared.get("text_input", ""))
+        elif {t.name for t in config.inputs} == {"image_features", "text_features"}:
+            inputs = ("image_features", "text_features")
         elif len(config.inputs) == 2:
             inputs = (config.inputs[0].name, config.inputs[1].name)
         else:
@@ -99,9 +116,9 @@ def _step(pipeline: ModelConfig, role: str, steps: Mapping[str, ModelConfig], wh
 def resolve(pipeline: ModelConfig, steps: Mapping[str, ModelConfig], version_dir: Path) -> PipelinePlan:
     """The plan of ``pipeline`` (whose step configs are ``steps``, by model name) or RepositoryError."""
     where = str(version_dir / "config.json")
-    unknown = sorted(set(pipeline.roles) - set(ROLES))
+    unknown = sorted(set(pipeline.roles) - {*ROLES, PIPELINE_ROLE})
     if unknown:
-        raise RepositoryError(f"{where}: unknown roles {unknown}; the roles are {list(ROLES)}")
+        raise RepositoryError(f"{where}: unknown roles {unknown}; the roles are {[*ROLES, PIPELINE_ROLE]}")
     (image, image_cfg), (text, text_cfg), (fusion, fusion_cfg) = (_step(pipeline, r, steps, where) for r in ROLES)
 
     image_in = _spec(image_cfg, image.inputs[0], True, where)
@@ -146,26 +163,53 @@ def resolve(pipeline: ModelConfig, steps: Mapping[str, ModelConfig], version_dir
         if produced[1:] != taken[1:]:
             raise RepositoryError(f"{where}: {encoder.model} gives {encoder.output!r} {list(produced)}, but fusion "
                                   f"takes {fusion_input!r} {list(taken)}")  # fmt: skip
-    classes = _spec(fusion_cfg, fusion.output, False, where).shape
-    if len(classes) != 2 or classes[1] != len(pipeline.labels):
-        raise RepositoryError(f"{where}: fusion output {fusion.output!r} is {list(classes)}, "
-                              f"for {len(pipeline.labels)} labels {list(pipeline.labels)}")  # fmt: skip
-    _check_own_tensors(pipeline, len(pipeline.labels), where)
-    return PipelinePlan(image, text, fusion, preprocessing, vocabulary, pipeline.labels)
+    fused = _spec(fusion_cfg, fusion.output, False, where).shape
+    declared = pipeline.roles.get("fusion", {})
+    kind = declared.get("outputs", CLASSES)
+    if kind not in (CLASSES, FEATURES):
+        raise RepositoryError(f"{where}: roles.fusion.outputs is {kind!r}; it is {CLASSES!r} or {FEATURES!r}")
+    if len(fused) != 2:
+        raise RepositoryError(f"{where}: fusion output {fusion.output!r} is {list(fused)}; it must be [-1, width]")
+    positive = None
+    if kind == CLASSES:
+        if fused[1] != len(pipeline.labels):
+            raise RepositoryError(f"{where}: fusion output {fusion.output!r} is {list(fused)}, "
+                                  f"for {len(pipeline.labels)} labels {list(pipeline.labels)}")  # fmt: skip
+        label = declared.get("positive_label", pipeline.labels[-1] if pipeline.labels else "")
+        if label not in pipeline.labels:
+            raise RepositoryError(f"{where}: positive_label {label!r} is not among the labels {list(pipeline.labels)}")
+        positive = pipeline.labels.index(label)
+    elif pipeline.labels:
+        raise RepositoryError(f"{where}: the fusion model outputs features, but the config has labels "
+                              f"{list(pipeline.labels)}")  # fmt: skip
+    tensors = _own_tensors(pipeline, kind, fused[1], where)
+    return PipelinePlan(image, text, fusion, preprocessing, vocabulary, pipeline.labels, positive, tensors,
+                        tokens.datatype)  # fmt: skip
 
 
-def _check_own_tensors(pipeline: ModelConfig, classes: int, where: str) -> None:
-    """What the pipeline itself takes and gives: image and text as BYTES, probabilities and a label."""
-    kinds = [(t.datatype, t.shape) for t in pipeline.inputs]
-    if kinds != [("BYTES", (-1,)), ("BYTES", (-1,))]:
-        given = [(t.name, t.datatype, list(t.shape)) for t in pipeline.inputs]
-        raise RepositoryError(f"{where}: a pipeline's inputs are the encoded image and the text, each BYTES [-1]; "
-                              f"the config has {given}")  # fmt: skip
-    kinds = [(t.datatype, t.shape) for t in pipeline.outputs]
-    if kinds != [("FP32", (-1, classes)), ("BYTES", (-1,))]:
-        raise RepositoryError(f"{where}: a pipeline's outputs are the probabilities, FP32 [-1, {classes}], and the "
-                              f"label, BYTES [-1]; the config has "
-                              f"{[(t.name, t.datatype, list(t.shape)) for t in pipeline.outputs]}")  # fmt: skip
+def _own_tensors(pipeline: ModelConfig, kind: str, width: int, where: str) -> dict[str, str]:
+    """The pipeline's own tensors by role, checked: image and text BYTES [-1]; probabilities and label, or features."""
+    wanted: dict[str, tuple[str, tuple[int, ...]]] = {"image": ("BYTES", (-1,)), "text": ("BYTES", (-1,))}
+    if kind == CLASSES:
+        wanted.update(probabilities=("FP32", (-1, width)), label=("BYTES", (-1,)))
+    else:
+        wanted.update(features=("FP32", (-1, width)))
+    declared = pipeline.roles.get(PIPELINE_ROLE)
+    if declared is None:  # older configs: by position, inputs then outputs
+        specs = [*pipeline.inputs, *pipeline.outputs]
+        if len(specs) != len(wanted):
+            raise RepositoryError(f"{where}: a pipeline's tensors are {list(wanted)}; the config has "
+                                  f"{[t.name for t in specs]}")  # fmt: skip
+        declared = {role: spec.name for role, spec in zip(wanted, specs, strict=True)}
+    if set(declared) != set(wanted):
+        raise RepositoryError(f"{where}: roles.pipeline names {sorted(declared)}; this pipeline's are {list(wanted)}")
+    for role, (datatype, shape) in wanted.items():
+        spec = pipeline.input(declared[role]) if role in ("image", "text") else pipeline.output(declared[role])
+        if spec is None or (spec.datatype, spec.shape) != (datatype, shape):
+            given = [(t.name, t.datatype, list(t.shape)) for t in (*pipeline.inputs, *pipeline.outputs)]
+            raise RepositoryError(f"{where}: the pipeline's {role} must be {datatype} {list(shape)} (named "
+                                  f"{declared[role]!r}); the config has {given}")  # fmt: skip
+    return dict(declared)
 
 
 def _vocabulary(pipeline: ModelConfig, version_dir: Path, where: str) -> Vocabulary:

@@ -121,12 +121,13 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         """Image and/or text embeddings."""
         name = request.model or PIPELINE_NAME
         with track(self.core.metrics, self.core.registry.metric_label(name), "typed_embed"):
-            entry, image_features, text_features = await self.core.embed(
+            entry, embeddings = await self.core.embed(
                 name, request.model_version, list(request.images), list(request.texts), deadline=_deadline(context)
             )
             response = pb.EmbedResponse(model=entry.name, model_version=entry.version)
-            for features, target in ((image_features, response.image_embeddings),
-                                     (text_features, response.text_embeddings)):  # fmt: skip
+            for features, target in ((embeddings.image, response.image_embeddings),
+                                     (embeddings.text, response.text_embeddings),
+                                     (embeddings.fused, response.fused_embeddings)):  # fmt: skip
                 if features is not None:
                     target.extend(pb.Embedding(values=row.tolist()) for row in features)
             return response

@@ -14,8 +14,8 @@ request parameter ``binary_data_output`` (bool) overrides that choice. An FP16 o
 raw, so a response holding one is raw throughout (the protocol forbids mixing the two forms).
 
 Pipelines. A pipeline model (``multimodal``) takes its image and text inputs as BYTES tensors
-(encoded images, UTF-8 texts) and answers its probabilities and label outputs; its config names
-them (inputs: image, text; outputs: probabilities, label).
+(encoded images, UTF-8 texts) and answers its probabilities and label outputs (or its fused features);
+its plan names them (roles.pipeline in its config).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fusionserve.errors import InvalidInputError
 from fusionserve.repository import ModelConfig
 from fusionserve.server.core import deadline_from
 from fusionserve.server.pipeline import PipelineResult
+from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.v2 import grpc_service_pb2 as pb
 from fusionserve.v2_codec import (
     CONTENTS_FIELD,
@@ -162,9 +163,9 @@ def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> lis
     return names
 
 
-def pipeline_items(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> tuple[list[bytes], list[str]]:
-    """A pipeline's (encoded images, texts) from its two BYTES inputs (image first, then text)."""
-    image, text = (spec.name for spec in config.inputs)
+def pipeline_items(plan: PipelinePlan, inputs: Mapping[str, np.ndarray]) -> tuple[list[bytes], list[str]]:
+    """A pipeline's (encoded images, texts) from its two BYTES inputs, named by its plan."""
+    image, text = plan.tensors["image"], plan.tensors["text"]
     images = [_as_bytes(x, image) for x in inputs[image].reshape(-1)]
     texts = [_as_text(x, text, i) for i, x in enumerate(inputs[text].reshape(-1))]
     return images, texts
@@ -186,11 +187,16 @@ def _as_text(value: object, tensor: str, index: int) -> str:
 
 
 # ---- tensors out -----------------------------------------------------------------------------
-def pipeline_outputs(config: ModelConfig, result: PipelineResult) -> dict[str, np.ndarray]:
-    """A pipeline's outputs: probabilities per item, and the most probable label as UTF-8 bytes."""
-    probabilities, label = (spec.name for spec in config.outputs)
+def pipeline_outputs(plan: PipelinePlan, result: PipelineResult) -> dict[str, np.ndarray]:
+    """A pipeline's outputs, named by its plan.
+
+    Probabilities per item and the most probable label as UTF-8 bytes, or the fused features when the
+    fusion model outputs features.
+    """
+    if not plan.classifies:
+        return {plan.tensors["features"]: result.fused}
     labels = object_array([result.label_of(row)[1].encode() for row in range(len(result.ok))])
-    return {probabilities: result.probabilities, label: labels}
+    return {plan.tensors["probabilities"]: result.probabilities, plan.tensors["label"]: labels}
 
 
 def encode_response(

@@ -180,9 +180,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             entry, outputs = await self.core.infer(entry.name, entry.version, inputs, deadline=deadline)
         else:
             validate_inputs(config, inputs, entry.max_batch_size)
-            images, texts = pipeline_items(config, inputs)
+            plan = entry.pipeline.plan
+            images, texts = pipeline_items(plan, inputs)
             entry, result = await self.core.classify(entry.name, entry.version, images, texts, deadline=deadline)
-            outputs = pipeline_outputs(config, result)
+            outputs = pipeline_outputs(plan, result)
         return encode_response(request, config, outputs, names, raw)
 
     async def ModelInfer(

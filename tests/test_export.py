@@ -18,7 +18,8 @@ from fusionserve import data as gen
 from fusionserve.cli import main as cli
 from fusionserve.errors import ExportError
 from fusionserve.export import convert
-from fusionserve.preprocess import Vocabulary
+from fusionserve.export.gate import ALLOWED_OPS
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 from fusionserve.repository import (
     ONNX_TYPES,
     PIPELINE_NAME,
@@ -89,7 +90,7 @@ def held_out(repository: Path) -> dict[str, np.ndarray]:
     image_config = load_config(repository, "image_encoder", 1)
     vocab = Vocabulary.load(repository / PIPELINE_NAME / "1" / "vocab.json")
     size = (image_config.preprocessing["height"], image_config.preprocessing["width"])
-    images, tokens = convert.parity_inputs(size, vocab, HELD_OUT)
+    images, tokens = convert.parity_inputs(ImagePreprocessing(*size), vocab, HELD_OUT)
     return {"image": images, "tokens": tokens}
 
 
@@ -266,7 +267,7 @@ def test_text_encoder_is_one_lstm_without_loops(repository: Path) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_exported_graphs_pass_the_gate(repository: Path, name: str) -> None:
     proto = onnx.load(str(repository / name / "1" / "model.onnx"))
-    assert set(_ops(proto.graph)) <= convert.ALLOWED_OPS
+    assert set(_ops(proto.graph)) <= ALLOWED_OPS
     assert convert.gate(proto, name) == tuple(sorted(set(_ops(proto.graph))))
 
 
@@ -328,7 +329,7 @@ def test_gate_rejects_loop() -> None:
 
 @pytest.mark.parametrize("op", ["Softplus", "Elu", "HardSigmoid"])
 def test_gate_rejects_ops_outside_allow_list(op: str) -> None:
-    assert op not in convert.ALLOWED_OPS
+    assert op not in ALLOWED_OPS
     with pytest.raises(ExportError, match=rf"odd_model: .*allow-list.*{op}"):
         convert.gate(_unary_model(op), "odd_model")
 
@@ -413,17 +414,17 @@ ERROR_CASES = {
     ),
     "vocabulary missing": (
         lambda a, tmp: a.update(vocab_file=tmp / "nope.json"),
-        r"vocabulary .*nope\.json.* does not exist",
+        r"tokenizer .*nope\.json.* does not exist",
     ),
     "vocabulary not json": (
         lambda a, tmp: a.update(vocab_file=_vocab_file(tmp, "{oops")),
-        r"vocabulary .* is not a valid vocabulary JSON",
+        r"tokenizer .* is not readable JSON",
     ),
     "vocabulary indices out of range": (
         lambda a, tmp: a.update(
             vocab_file=_vocab_file(tmp, {"word_index": {"a": 0}, "max_words": 9, "max_length": 100})
         ),
-        r"vocabulary .* is not a valid vocabulary JSON.*\[2, 9\)",
+        r"tokenizer .* is neither a Keras Tokenizer's to_json\(\) nor a valid fusionserve vocabulary JSON.*\[1, 9\)",
     ),
     "vocabulary max_length differs from the text model": (
         lambda a, tmp: a.update(vocab_file=_vocab_file(tmp, {"word_index": {}, "max_words": 9, "max_length": 50})),

@@ -81,6 +81,15 @@ def test_answers_with_the_cache_equal_answers_without_it_on_a_mixed_workload(ser
         assert _sample(on, "fusionserve_embedding_cache_hits_total", model=model) > 0, model
 
 
+@pytest.mark.parametrize("modality", ["images", "texts"])
+def test_embed_of_one_modality_works_with_the_cache_on_and_off(servers, samples, modality):
+    request = pb.EmbedRequest(**{modality: [i if modality == "images" else t for i, t in samples[:3]]})
+    answers = [pb_grpc.FusionServiceStub(s.channel()).Embed(request) for s in servers]
+    rows = [[list(e.values) for e in getattr(a, f"{modality[:-1]}_embeddings")] for a in answers]
+    assert len(rows[0]) == 3
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+
+
 def test_one_pixel_or_one_word_changed_is_a_new_entry(servers, samples):
     on, off = servers
     image, text = samples[200]

@@ -145,9 +145,11 @@ MALFORMED = {
     "max_length negative": {**_valid(), "max_length": -3},
     "padding in the middle": {**_valid(), "padding": "middle"},
     "truncating sideways": {**_valid(), "truncating": "sideways"},
-    "not lower-cased": {**_valid(), "lower": False},
-    "other filters": {**_valid(), "filters": "!"},
     "oov index 2": {**_valid(), "oov_index": 2},
+    "lower in upper case": {**_valid(), "lower": "upper"},
+    "empty split": {**_valid(), "split": ""},
+    "oov index beyond max_words": {**_valid(), "oov_index": 10},
+    "a newer format": {**_valid(), "format": 3},
 }
 
 
@@ -161,6 +163,36 @@ def test_valid_minimal_vocabulary_loads() -> None:
     data = {"word_index": {"red": 2}, "max_words": 10, "max_length": 5}
     assert Vocabulary.from_json(data).encode(["red blue"]).tolist() == [[0, 0, 0, 2, 1]]
     assert Vocabulary.from_json(_valid()) == Vocabulary({"red": 2, "circle": 3}, max_words=10, max_length=5)
+
+
+def test_a_version_1_file_loads_with_fusionserves_own_convention() -> None:
+    # What 'fusionserve export' wrote before the format had a version: no format, split or pad value.
+    old = {"max_words": 10, "max_length": 5, "pad_index": 0, "oov_index": 1, "oov_token": "[UNK]",
+           "filters": KERAS_FILTERS, "lower": True, "padding": "pre", "truncating": "pre",
+           "word_index": {"red": 2, "circle": 3}}  # fmt: skip
+    vocab = Vocabulary.from_json(old)
+    assert vocab == Vocabulary({"red": 2, "circle": 3}, max_words=10, max_length=5)
+    assert vocab.encode(["A red, CIRCLE! blue"]).tolist() == [[0, 1, 2, 3, 1]]
+
+
+KERAS_LIKE = {  # settings a Keras Tokenizer or TextVectorization records, and what they do to one text
+    "unknown words dropped": ({"oov_index": None, "oov_token": None}, "A red dog!", [0, 0, 0, 2, 4]),
+    "no lower-casing": ({"lower": False}, "A Red dog", [0, 0, 1, 1, 4]),
+    "other filters": ({"filters": "!"}, "red,dog! dog", [0, 0, 0, 1, 4]),
+    "other separator": ({"split": ","}, "red,dog ,dog", [0, 0, 2, 1, 4]),
+    "ascii lower-casing only": ({"lower": "ascii", "word_index": {"red": 2, "ödog": 5}}, "RED ÖDOG", [0, 0, 0, 2, 1]),
+    "punctuation stripped": ({"filter_replacement": ""}, "re-d dog", [0, 0, 0, 2, 4]),
+    "whitespace split": ({"split": "whitespace"}, "red\u00a0dog\tdog", [0, 0, 0, 1, 4]),
+    "characters": ({"split": "character", "word_index": {"r": 2, "e": 3}}, "Re d", [0, 2, 3, 1, 1]),
+    "post, value 7": ({"padding": "post", "pad_value": 7}, "red", [2, 7, 7, 7, 7]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("settings", "text", "ids"), KERAS_LIKE.values(), ids=KERAS_LIKE.keys())
+def test_keras_settings_change_the_ids_as_keras_does(settings: dict, text: str, ids: list[int]) -> None:
+    vocab = Vocabulary(**{"word_index": {"red": 2, "re": 3, "dog": 4}, "max_words": 10, "max_length": 5, **settings})
+    assert vocab.encode([text]).tolist() == [ids]
+    assert Vocabulary.from_json(json.loads(json.dumps(vocab.to_json()))) == vocab
 
 
 def test_post_padding_and_truncation_keep_the_first_words() -> None:

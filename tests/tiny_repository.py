@@ -80,8 +80,9 @@ def image_encoder(rng: np.random.Generator, height: int, width: int, channels: i
     )
 
 
-def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int) -> onnx.ModelProto:
-    """``tokens`` int32 [N, L] → embedding → one ONNX LSTM → dense → ``text_features`` [N, FEATURES]."""
+def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int,
+                 token_type: int = TensorProto.INT32) -> onnx.ModelProto:  # fmt: skip
+    """``tokens`` int32 (or ``token_type``) [N, L] → embedding → one LSTM → dense → ``text_features`` [N, FEATURES]."""
     nodes = [
         helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [N, L, HIDDEN]
         helper.make_node("Transpose", ["embedded"], ["time_major"], perm=[1, 0, 2]),
@@ -101,15 +102,39 @@ def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int
     ]
     return _model(
         nodes,
-        [helper.make_tensor_value_info("tokens", TensorProto.INT32, ["batch", max_length])],
+        [helper.make_tensor_value_info("tokens", token_type, ["batch", max_length])],
         [helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])],
         inits,
         "text_encoder",
     )
 
 
-def fusion(rng: np.random.Generator, classes: int) -> onnx.ModelProto:
-    """Both features, concatenated with their product → dense + relu → dense + softmax."""
+def fusion(rng: np.random.Generator, classes: int, *, features_only: bool = False,
+           text_first: bool = False) -> onnx.ModelProto:  # fmt: skip
+    """Both features, concatenated with their product → dense + relu → dense + softmax.
+
+    ``features_only``: the concatenation itself is the output (``probabilities`` then holds [N, 3 × FEATURES]
+    fused features); ``text_first``: the graph lists its text input first.
+    """
+    if features_only:
+        nodes = [helper.make_node("Mul", ["image_features", "text_features"], ["product"]),
+                 helper.make_node("Concat", ["image_features", "text_features", "product"], ["probabilities"], axis=1)]
+        inits = []
+        classes = 3 * FEATURES
+    else:
+        nodes, inits = _classifier(rng, classes)
+    inputs = [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", FEATURES]),
+              helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])]
+    return _model(
+        nodes,
+        inputs[::-1] if text_first else inputs,
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+        "fusion",
+    )  # fmt: skip
+
+
+def _classifier(rng: np.random.Generator, classes: int) -> tuple[list, list]:
     nodes = [
         helper.make_node("Mul", ["image_features", "text_features"], ["product"]),
         helper.make_node("Concat", ["image_features", "text_features", "product"], ["joined"], axis=1),
@@ -126,14 +151,7 @@ def fusion(rng: np.random.Generator, classes: int) -> onnx.ModelProto:
         _init(rng, "out_w", FEATURES, classes, gain=GAINS["out"]),
         _init(rng, "out_b", classes, gain=0.1),
     ]
-    return _model(
-        nodes,
-        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", FEATURES]),
-         helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
-        inits,
-        "fusion",
-    )  # fmt: skip
+    return nodes, inits
 
 
 def _renamed(model: onnx.ModelProto, names: Mapping[str, str]) -> onnx.ModelProto:
@@ -162,6 +180,12 @@ def build(
     models: Mapping[str, str] | None = None,
     seed: int = 0,
     version: int = 1,
+    labels: tuple[str, ...] = tuple(gen.LABELS),
+    positive_label: str | None = None,
+    features_only: bool = False,
+    text_first: bool = False,
+    token_datatype: str = "INT32",
+    pipeline_tensors: Mapping[str, str] | None = None,
 ) -> Path:
     """Write version 1 of the three models and the ``multimodal`` pipeline over them; return the path.
 
@@ -169,14 +193,21 @@ def build(
     ``probabilities``) and ``models`` names the models of the roles (``image_encoder``,
     ``text_encoder``, ``fusion``); the pipeline config says which is which. ``seed`` draws the weights
     (another seed, other answers); ``version`` numbers every model; ``image_channels`` sets how much
-    an image-encoder run costs per item.
+    an image-encoder run costs per item. ``labels`` are the classes, and
+    ``positive_label`` the one Rank scores (the config says so only when given); ``features_only``
+    makes the fusion output fused features (no labels); ``text_first`` lists the fusion graph's text
+    input first; ``token_datatype`` is the text encoder's id type; ``pipeline_tensors`` renames the
+    pipeline's own tensors (``image``, ``text``, ``probabilities``, ``label``, ``features``) and lists
+    them in its config in reverse order, named in ``roles.pipeline``.
     """
     repository = Path(repository)
     rng = np.random.default_rng(seed)
     height, width = image_size
     t = {n: n for n in ("image", "image_features", "tokens", "text_features", "probabilities")} | dict(tensors or {})
     m = {r: r for r in ("image_encoder", "text_encoder", "fusion")} | dict(models or {})
-    labels = tuple(gen.LABELS)
+    labels = () if features_only else tuple(labels)
+    token_type = {"INT32": TensorProto.INT32, "INT64": TensorProto.INT64}[token_datatype]
+    fused_width = 3 * FEATURES if features_only else len(labels)
     vocab = Vocabulary.fit(gen.generate(200, seed=seed).captions, max_words=vocabulary_size, max_length=max_length)
     vocab = Vocabulary(vocab.word_index, vocabulary_size, max_length, padding=padding, truncating=padding)
     image_spec = {"type": "image", **ImagePreprocessing(height, width, color_order=color_order).to_json()}
@@ -186,13 +217,13 @@ def build(
         (m["image_encoder"], image_encoder(rng, height, width, image_channels),
          [TensorSpec(t["image"], "FP32", (-1, height, width, 3))],
          [TensorSpec(t["image_features"], "FP32", (-1, FEATURES))], image_spec),
-        (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length),
-         [TensorSpec(t["tokens"], "INT32", (-1, max_length), (0, vocabulary_size))],
+        (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length, token_type),
+         [TensorSpec(t["tokens"], token_datatype, (-1, max_length), (0, vocabulary_size))],
          [TensorSpec(t["text_features"], "FP32", (-1, FEATURES))], text_spec),
-        (m["fusion"], fusion(rng, len(labels)),
+        (m["fusion"], fusion(rng, len(labels), features_only=features_only, text_first=text_first),
          [TensorSpec(t["image_features"], "FP32", (-1, FEATURES)),
-          TensorSpec(t["text_features"], "FP32", (-1, FEATURES))],
-         [TensorSpec(t["probabilities"], "FP32", (-1, len(labels)))], {}),
+          TensorSpec(t["text_features"], "FP32", (-1, FEATURES))][::-1 if text_first else 1],
+         [TensorSpec(t["probabilities"], "FP32", (-1, fused_width))], {}),
     ]  # fmt: skip
     for name, model, inputs, outputs, preprocessing in plans:
         vdir = repository / name / str(version)
@@ -217,10 +248,22 @@ def build(
         "fusion": {"model": m["fusion"], "image_input": t["image_features"], "text_input": t["text_features"],
                    "output": t["probabilities"]},
     }  # fmt: skip
+    if features_only:
+        roles["fusion"]["outputs"] = "features"
+    if positive_label is not None:
+        roles["fusion"]["positive_label"] = positive_label
+    own = {"image": "IMAGE", "text": "TEXT"}
+    own.update({"features": "FEATURES"} if features_only else {"probabilities": "PROBABILITIES", "label": "LABEL"})
+    own.update(pipeline_tensors or {})
+    kinds = {"image": ("BYTES", (-1,)), "text": ("BYTES", (-1,)), "probabilities": ("FP32", (-1, fused_width)),
+             "label": ("BYTES", (-1,)), "features": ("FP32", (-1, fused_width))}  # fmt: skip
+    order = list(own)[::-1] if pipeline_tensors else list(own)
+    if pipeline_tensors:
+        roles["pipeline"] = own
     pipeline = ModelConfig(
         name=PIPELINE_NAME, version=version, platform=PLATFORM_PIPELINE,
-        inputs=(TensorSpec("IMAGE", "BYTES", (-1,)), TensorSpec("TEXT", "BYTES", (-1,))),
-        outputs=(TensorSpec("PROBABILITIES", "FP32", (-1, len(labels))), TensorSpec("LABEL", "BYTES", (-1,))),
+        inputs=tuple(TensorSpec(own[r], *kinds[r]) for r in order if r in ("image", "text")),
+        outputs=tuple(TensorSpec(own[r], *kinds[r]) for r in order if r not in ("image", "text")),
         max_batch_size=max_batch_size, steps={m[r]: version for r in ("image_encoder", "text_encoder", "fusion")},
         roles=roles, preprocessing={"image": image_spec, "text": text_spec}, labels=labels,
         vocabulary_file="vocab.json",

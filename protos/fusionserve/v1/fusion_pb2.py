@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66usionserve/v1/fusion.proto\x12\x0e\x66usionserve.v1\"#\n\x04Item\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x8b\x01\n\x0f\x43lassifyRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.fusionserve.v1.Item\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x19\n\x11return_embeddings\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\x06Result\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x17\n\x0fimage_embedding\x18\x04 \x03(\x02\x12\x16\n\x0etext_embedding\x18\x05 \x03(\x02\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fusionserve.v1.Error\"\xab\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.fusionserve.v1.Result\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fusionserve.v1.Error\"S\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9e\x01\n\rEmbedResponse\x12\x33\n\x10image_embeddings\x18\x01 \x03(\x0b\x32\x19.fusionserve.v1.Embedding\x12\x32\n\x0ftext_embeddings\x18\x02 \x03(\x0b\x32\x19.fusionserve.v1.Embedding\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x8b\x01\n\x0bRankRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05texts\x18\x04 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x42\x07\n\x05query\"m\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0f\n\x07ranking\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x16\n\x0epositive_label\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.fusionserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12*\n\x06inputs\x18\x06 \x03(\x0b\x32\x1a.fusionserve.v1.TensorInfo\x12+\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.fusionserve.v1.TensorInfo\x12\x1b\n\x13\x65xecution_providers\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x0e\n\x06labels\x18\n \x03(\t\x12\r\n\x05steps\x18\x0b \x03(\t\x12\x0e\n\x06reason\x18\x0c \x01(\t2\x87\x05\n\rFusionService\x12M\n\x08\x43lassify\x12\x1f.fusionserve.v1.ClassifyRequest\x1a .fusionserve.v1.ClassifyResponse\x12W\n\x0e\x43lassifyStream\x12\x1f.fusionserve.v1.ClassifyRequest\x1a .fusionserve.v1.ClassifyResponse(\x01\x30\x01\x12\x44\n\x05\x45mbed\x12\x1c.fusionserve.v1.EmbedRequest\x1a\x1d.fusionserve.v1.EmbedResponse\x12\x41\n\x04Rank\x12\x1b.fusionserve.v1.RankRequest\x1a\x1c.fusionserve.v1.RankResponse\x12S\n\nListModels\x12!.fusionserve.v1.ListModelsRequest\x1a\".fusionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.fusionserve.v1.GetModelRequest\x1a\x19.fusionserve.v1.ModelInfo\x12Q\n\tLoadModel\x12 .fusionserve.v1.LoadModelRequest\x1a\".fusionserve.v1.ListModelsResponse\x12U\n\x0bUnloadModel\x12\".fusionserve.v1.UnloadModelRequest\x1a\".fusionserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66usionserve/v1/fusion.proto\x12\x0e\x66usionserve.v1\"#\n\x04Item\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x8b\x01\n\x0f\x43lassifyRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.fusionserve.v1.Item\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x19\n\x11return_embeddings\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\x06Result\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x17\n\x0fimage_embedding\x18\x04 \x03(\x02\x12\x16\n\x0etext_embedding\x18\x05 \x03(\x02\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fusionserve.v1.Error\"\xab\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.fusionserve.v1.Result\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.fusionserve.v1.Error\"S\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xd3\x01\n\rEmbedResponse\x12\x33\n\x10image_embeddings\x18\x01 \x03(\x0b\x32\x19.fusionserve.v1.Embedding\x12\x32\n\x0ftext_embeddings\x18\x02 \x03(\x0b\x32\x19.fusionserve.v1.Embedding\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x33\n\x10\x66used_embeddings\x18\x05 \x03(\x0b\x32\x19.fusionserve.v1.Embedding\"\x8b\x01\n\x0bRankRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05texts\x18\x04 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x42\x07\n\x05query\"m\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0f\n\x07ranking\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x16\n\x0epositive_label\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.fusionserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12*\n\x06inputs\x18\x06 \x03(\x0b\x32\x1a.fusionserve.v1.TensorInfo\x12+\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.fusionserve.v1.TensorInfo\x12\x1b\n\x13\x65xecution_providers\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x0e\n\x06labels\x18\n \x03(\t\x12\r\n\x05steps\x18\x0b \x03(\t\x12\x0e\n\x06reason\x18\x0c \x01(\t2\x87\x05\n\rFusionService\x12M\n\x08\x43lassify\x12\x1f.fusionserve.v1.ClassifyRequest\x1a .fusionserve.v1.ClassifyResponse\x12W\n\x0e\x43lassifyStream\x12\x1f.fusionserve.v1.ClassifyRequest\x1a .fusionserve.v1.ClassifyResponse(\x01\x30\x01\x12\x44\n\x05\x45mbed\x12\x1c.fusionserve.v1.EmbedRequest\x1a\x1d.fusionserve.v1.EmbedResponse\x12\x41\n\x04Rank\x12\x1b.fusionserve.v1.RankRequest\x1a\x1c.fusionserve.v1.RankResponse\x12S\n\nListModels\x12!.fusionserve.v1.ListModelsRequest\x1a\".fusionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.fusionserve.v1.GetModelRequest\x1a\x19.fusionserve.v1.ModelInfo\x12Q\n\tLoadModel\x12 .fusionserve.v1.LoadModelRequest\x1a\".fusionserve.v1.ListModelsResponse\x12U\n\x0bUnloadModel\x12\".fusionserve.v1.UnloadModelRequest\x1a\".fusionserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_start=682
   _globals['_EMBEDDING']._serialized_end=709
   _globals['_EMBEDRESPONSE']._serialized_start=712
-  _globals['_EMBEDRESPONSE']._serialized_end=870
-  _globals['_RANKREQUEST']._serialized_start=873
-  _globals['_RANKREQUEST']._serialized_end=1012
-  _globals['_RANKRESPONSE']._serialized_start=1014
-  _globals['_RANKRESPONSE']._serialized_end=1123
-  _globals['_LISTMODELSREQUEST']._serialized_start=1125
-  _globals['_LISTMODELSREQUEST']._serialized_end=1144
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1146
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1209
-  _globals['_GETMODELREQUEST']._serialized_start=1211
-  _globals['_GETMODELREQUEST']._serialized_end=1259
-  _globals['_LOADMODELREQUEST']._serialized_start=1261
-  _globals['_LOADMODELREQUEST']._serialized_end=1293
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1295
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1329
-  _globals['_TENSORINFO']._serialized_start=1331
-  _globals['_TENSORINFO']._serialized_end=1390
-  _globals['_MODELINFO']._serialized_start=1393
-  _globals['_MODELINFO']._serialized_end=1675
-  _globals['_FUSIONSERVICE']._serialized_start=1678
-  _globals['_FUSIONSERVICE']._serialized_end=2325
+  _globals['_EMBEDRESPONSE']._serialized_end=923
+  _globals['_RANKREQUEST']._serialized_start=926
+  _globals['_RANKREQUEST']._serialized_end=1065
+  _globals['_RANKRESPONSE']._serialized_start=1067
+  _globals['_RANKRESPONSE']._serialized_end=1176
+  _globals['_LISTMODELSREQUEST']._serialized_start=1178
+  _globals['_LISTMODELSREQUEST']._serialized_end=1197
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1199
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1262
+  _globals['_GETMODELREQUEST']._serialized_start=1264
+  _globals['_GETMODELREQUEST']._serialized_end=1312
+  _globals['_LOADMODELREQUEST']._serialized_start=1314
+  _globals['_LOADMODELREQUEST']._serialized_end=1346
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1348
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1382
+  _globals['_TENSORINFO']._serialized_start=1384
+  _globals['_TENSORINFO']._serialized_end=1443
+  _globals['_MODELINFO']._serialized_start=1446
+  _globals['_MODELINFO']._serialized_end=1728
+  _globals['_FUSIONSERVICE']._serialized_start=1731
+  _globals['_FUSIONSERVICE']._serialized_end=2378
 # @@protoc_insertion_point(module_scope)

@@ -87,16 +87,18 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("image_embeddings", "text_embeddings", "model", "model_version")
+    __slots__ = ("image_embeddings", "text_embeddings", "model", "model_version", "fused_embeddings")
     IMAGE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FUSED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     image_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     text_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     model: str
     model_version: int
-    def __init__(self, image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    fused_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    def __init__(self, image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., fused_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("image", "text", "images", "texts", "top_k", "model", "model_version")
