@@ -188,6 +188,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._prefixes = prefixes
         self._calls = calls if calls is not None else CallLimit(2**62)
+        # A method's handler is the same for every call of it: wrapped once, not once per call.
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -199,6 +201,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or not method.startswith(self._prefixes):
             return handler
+        wrapped = self._wrapped.get((method, handler))
+        if wrapped is None:
+            wrapped = self._wrapped[(method, handler)] = self._wrap(handler, method)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         kind = handler_kind(handler)
         wrap = _wrap_stream if kind.endswith("_stream") else _wrap_unary
         return HANDLER_FACTORIES[kind](
