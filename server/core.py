@@ -189,7 +189,8 @@ class ServingCore:
         assert entry.config is not None
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")
-        rows = len(next(iter(inputs.values()), ()))
+        first = next(iter(inputs.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else 1  # a scalar is refused just below
         with self._admit(rows, deadline):
             validate_inputs(entry.config, inputs, entry.max_batch_size)
             with entry.in_use():

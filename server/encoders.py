@@ -1,7 +1,9 @@
 """A pipeline's two encoders, each from raw input to features, behind the embedding cache.
 
-``ImageEncoder``: encoded image bytes → header check, decode and preprocess (off the event loop unless
-one small image) → the image encoder's batcher. ``TextEncoder``: texts → token ids → the text
+``ImageEncoder``: encoded image bytes → header check, decode and preprocess → the image encoder's
+batcher. Small images are decoded in batches too: calls' images meet in a decode batcher whose runs
+take one thread hop each (a lone call's one image decodes on the event loop, quicker than a hop);
+large images are decoded each in a hop of its own, in parallel. ``TextEncoder``: texts → token ids → the text
 encoder's batcher. Both look each input up in the cache first (see server/embedding_cache.py) and
 answer per item: features, or an INVALID_ARGUMENT naming the item.
 """
@@ -9,14 +11,14 @@ answer per item: features, or an INVALID_ARGUMENT naming the item.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
 from fusionserve.errors import FusionServeError, InvalidInputError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image
-from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.batcher import DynamicBatcher, RunFn
 from fusionserve.server.embedding_cache import CachedEncoder, EmbeddingCache
 from fusionserve.server.limits import Limits, check_image_header
 from fusionserve.server.metrics import Metrics
@@ -39,20 +41,59 @@ def _decode_all(images: Sequence[bytes], preprocessing: ImagePreprocessing, limi
     return out
 
 
+def decoder(preprocessing: ImagePreprocessing, limits: Limits) -> RunFn:
+    """A decode batcher's run function.
+
+    ``image`` (encoded bytes per row) → ``pixels`` (zeros where a row failed) and ``error`` (the row's
+    error, else None), row for row.
+    """
+
+    def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = inputs["image"]
+        pixels = np.zeros((len(images), preprocessing.height, preprocessing.width, 3), np.float32)
+        errors = np.full(len(images), None, dtype=object)
+        for row, data in enumerate(images):
+            try:
+                check_image_header(data, limits)
+                pixels[row] = preprocessing.apply(decode_image(data))
+            except FusionServeError as e:
+                errors[row] = e
+        return {"pixels": pixels, "error": errors}
+
+    return run
+
+
 class ImageEncoder:
     """Encoded images → image features, through the cache and the image encoder's batcher."""
 
     def __init__(self, step: Step, batcher: DynamicBatcher, preprocessing: ImagePreprocessing, limits: Limits,
-                 executor: Executor, cache: EmbeddingCache | None, metrics: Metrics) -> None:  # fmt: skip
+                 executor: Executor, cache: EmbeddingCache | None, metrics: Metrics, *,
+                 max_batch_size: int = 64, max_queue_size: int = 512) -> None:  # fmt: skip
         self.step, self.batcher = step, batcher
         self.preprocessing, self.limits, self.executor = preprocessing, limits, executor
         self.cached = CachedEncoder(step.model, step.version, preprocessing, cache, metrics)
+        self.decoder = DynamicBatcher(f"{step.model} decoding", decoder(preprocessing, limits), executor,
+                                      max_batch_size=max_batch_size, max_queue_delay_s=0.0,
+                                      max_queue_size=max_queue_size)  # fmt: skip
+        """Small images of concurrent calls, decoded together (no model: no statistics of its own)."""
 
-    async def decode(self, images: Sequence[bytes], names: Sequence[str]) -> list[np.ndarray | Exception]:
-        """Decode and preprocess images, off the event loop unless it is one small image."""
-        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
-            # One small image decodes faster than a thread hop takes (about 0.1 ms).
-            return _decode_all(images, self.preprocessing, self.limits, names)
+    async def start(self) -> None:
+        """Start the decode batcher."""
+        await self.decoder.start()
+
+    async def aclose(self) -> None:
+        """Stop the decode batcher."""
+        await self.decoder.aclose()
+
+    async def decode(self, images: Sequence[bytes], names: Sequence[str], *, deadline: float | None = None,
+                     lone: bool = False) -> list[np.ndarray | Exception]:  # fmt: skip
+        """Decode and preprocess images: small ones in the decode batcher, large ones each in a thread hop."""
+        if all(len(image) <= INLINE_DECODE_BYTES for image in images):
+            batch = np.empty(len(images), dtype=object)
+            batch[:] = images
+            out = await self.decoder.submit({"image": batch}, deadline=deadline, lone=lone)
+            return [InvalidInputError(f"{name}: {error}") if error is not None else pixels
+                    for name, pixels, error in zip(names, out["pixels"], out["error"], strict=True)]  # fmt: skip
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, _decode_all, images, self.preprocessing, self.limits, names)
 
@@ -61,7 +102,8 @@ class ImageEncoder:
         """Per index, the image's features or its error (``noun`` names items in error messages)."""
 
         async def compute(indices: list[int]) -> Features:
-            decoded = await self.decode([images[i] for i in indices], [f"{noun} {i}" for i in indices])
+            decoded = await self.decode([images[i] for i in indices], [f"{noun} {i}" for i in indices],
+                                        deadline=deadline, lone=lone)  # fmt: skip
             good = [(i, d) for i, d in zip(indices, decoded, strict=True) if not isinstance(d, Exception)]
             errors = {i: d for i, d in zip(indices, decoded, strict=True) if isinstance(d, Exception)}
             if not good:

@@ -121,13 +121,17 @@ async def load_pipeline(
                                                                                                config.version))
         image, text, fusion = (steps[step.model] for step in plan.steps)
         assert image.batcher and text.batcher and fusion.batcher
+        max_batch_size = settings.max_batch_size or config.max_batch_size
+        images = ImageEncoder(plan.image, image.batcher, plan.image_preprocessing, limits, executor, cache, metrics,
+                              max_batch_size=max_batch_size, max_queue_size=settings.max_pipeline_items)  # fmt: skip
+        await images.start()
         entry.pipeline = MultimodalPipeline(
             plan=plan,
-            images=ImageEncoder(plan.image, image.batcher, plan.image_preprocessing, limits, executor, cache, metrics),
+            images=images,
             texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics, DATATYPES[plan.token_datatype]),
             fusion=fusion.batcher,
             limits=limits,
-            max_batch_size=settings.max_batch_size or config.max_batch_size,
+            max_batch_size=max_batch_size,
             max_inflight_items=settings.max_pipeline_items,
         )
         entry.providers = sorted({p for s in steps.values() for p in s.providers})
@@ -139,6 +143,7 @@ async def load_pipeline(
         logger.info("pipeline %s v%d READY (steps %s)", config.name, config.version, config.steps)
     except Exception as e:  # a broken pipeline must not take the tensor models down with it
         entry.state, entry.reason = FAILED, str(e)
+        await close(entry)
     return entry
 
 
@@ -146,6 +151,8 @@ async def close(entry: ModelEntry) -> None:
     """Release what an entry holds: its batcher, its onnxruntime session, its pipeline."""
     if entry.batcher is not None:
         await entry.batcher.aclose()
+    if entry.pipeline is not None:
+        await entry.pipeline.image_encoder.aclose()
     entry.batcher = entry.model = entry.pipeline = None
 
 
