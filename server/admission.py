@@ -5,13 +5,22 @@ to come back, before the call has cost anything but its arrival:
 
 1. **The caller's deadline** (always on). The door predicts when a call arriving now would be answered:
    the items admitted and not yet answered (``inflight``) drained at the rate the server completes
-   items while busy (``capacity``), then the call's own service (at least one lone call's time, or its
+   items while busy (``capacity``), plus how far behind the event loop is in taking calls up from
+   gRPC's accept queue (``lag_s``), then the call's own service (at least one lone call's time, or its
    own items at the busy rate). A call whose deadline comes before that is refused at once, instead of
    being served late or waiting in a queue to expire; a call whose deadline allows the wait is served.
    A call without a deadline is never refused by this rule (Triton and TF Serving likewise queue
    without a bound unless a per-request timeout says otherwise). gRPC's deadline counts from the
    call's arrival at the server, so time spent in gRPC's own accept queue is already off it.
 
+   Why the loop's lag counts, though the calls it has yet to take up came after this one: gRPC hands
+   calls to the loop first come, first served, and the loop pays for every call it takes up, those it
+   refuses included (a sixth to a quarter of serving one: bench/shed_cost.py). Under a flood of calls
+   with short deadlines, a loop that serves whatever still has time falls behind, every call it then
+   takes up has waited out most of its deadline in that queue, and almost nothing is answered in
+   time. Counting the lag, the door refuses short-deadline calls while the loop is behind, which is
+   cheap, until the queue has drained and calls arrive with time left again; calls with deadlines
+   long enough to ride out the lag (and calls without one) are not affected.
 2. **Queue delay** (opt-in, ``queue_delay_target_ms`` > 0). A call whose work could not start within
    the target is refused once the estimated wait has stayed over the target for ``INTERVAL_S`` (CoDel's
    rule: a burst that drains sooner is served; a standing queue is not), and then, for ``RECENT_S``
@@ -83,6 +92,9 @@ class Admission:
         self.target_s = target_s
         self.inflight = 0
         """Items admitted and not yet answered."""
+        self.lag_s = 0.0
+        """How long the calls waiting in gRPC's accept queue will take the event loop to take up (kept
+        current by the app from gRPC's own count; 0 when unknown)."""
         self.capacity: float | None = None
         """Items per second completed while busy (None until measured)."""
         self.service_s: float | None = None
@@ -104,7 +116,7 @@ class Admission:
         if not self.capacity:
             return self.service_s or 0.0
         own = max(self.service_s or 0.0, items / self.capacity)
-        return self.inflight / self.capacity + own
+        return self.inflight / self.capacity + own + self.lag_s
 
     @property
     def limit(self) -> float | None:
@@ -128,7 +140,7 @@ class Admission:
         """
         items = max(items, 1)
         if timeout_s is not None:
-            self._check_deadline(items, timeout_s)
+            self.check_deadline(items, timeout_s)
         if self.target_s > 0:
             self._check_queue_delay()
         started = self._clock()
@@ -141,11 +153,15 @@ class Admission:
         finally:
             self._release(items, started if lone else None)
 
-    def _check_deadline(self, items: int, timeout_s: float) -> None:
+    def check_deadline(self, items: int, timeout_s: float) -> None:
+        """Raise what :meth:`admit` would for a deadline that cannot be met now (the deadline rule alone).
+
+        Front-ends call it before reading a request, so a call the door will refuse costs no decoding.
+        """
         if timeout_s <= 0:
             raise DeadlineExceededError("the call's deadline passed before it could start")
-        if self.inflight == 0:
-            return  # nothing ahead of it: whatever its deadline, this call is its best chance
+        if self.inflight == 0 and self.lag_s == 0:
+            return  # nothing else to do: whatever its deadline, this call is its best chance
         predicted_s = self.predicted_s(items)
         if predicted_s > timeout_s:
             raise OverloadedError(

@@ -32,6 +32,14 @@ from fusionserve.v1 import fusion_pb2, fusion_pb2_grpc
 logger = logging.getLogger(__name__)
 
 TYPED_SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
+BACKLOG_WATCH_S = 0.02
+"""How often the calls waiting in gRPC's accept queue are counted (one channelz read: about 130 µs)."""
+LAG_TARGET_S = 0.01
+"""A lag in taking calls up under this is no lag (a burst being taken up)."""
+LAG_INTERVAL_S = 0.1
+"""How long the lag must stand over the target before the door counts it."""
+PACE_SMOOTHING = 0.3
+"""Weight of a new sample of the pace at which the loop takes calls up (exponential moving average)."""
 
 
 class FusionServer:
@@ -59,6 +67,8 @@ class FusionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._refresher: asyncio.Task | None = None
+        self._server_id: int | None = None  # gRPC core's channelz id of this server, when it can be told
+        self._backlog_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load and warm up the models, then bind and start serving."""
@@ -89,7 +99,7 @@ class FusionServer:
         )
         ours = grpc_counts.server_ids() - before
         if len(ours) == 1:  # several servers made at once in one process (tests) cannot tell theirs apart
-            server_id = ours.pop()
+            self._server_id = server_id = ours.pop()
             self.metrics.watch(self.metrics.grpc_calls_received, lambda: grpc_counts.calls_started(server_id))
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(self.core, self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -108,6 +118,8 @@ class FusionServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._publish_health()
+        if self._server_id is not None:
+            self._backlog_watch = asyncio.get_running_loop().create_task(self._watch_backlog(self._server_id))
         if self.worker:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
             # Not "listening on": the supervisor says that once every worker is serving.
@@ -118,6 +130,28 @@ class FusionServer:
     def _calls_pushback_s(self) -> float:
         """When a caller refused for too many calls in flight should come back: once the work ahead drains."""
         return pushback_s(self.core.admission.estimated_wait_s())
+
+    async def _watch_backlog(self, server_id: int) -> None:
+        """Keep the door's estimate of the loop's lag in taking calls up from gRPC current (server/admission.py).
+
+        The calls waiting are gRPC's count of the calls it received less the calls the loop took up; the
+        lag is that many over the pace the loop took calls up at while some waited (smoothed).
+        """
+        loop = asyncio.get_running_loop()
+        taken_before, since, pace, behind_since = self.calls.taken, loop.time(), None, None
+        while True:
+            await asyncio.sleep(BACKLOG_WATCH_S)
+            waiting = max(0, grpc_counts.calls_started(server_id) - self.calls.taken)
+            taken, now = self.calls.taken, loop.time()
+            if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
+                sample = (taken - taken_before) / (now - since)
+                pace = sample if pace is None else (1 - PACE_SMOOTHING) * pace + PACE_SMOOTHING * sample
+            lag_s = waiting / max(pace, 1.0) if waiting and pace is not None else 0.0
+            # Only a lag that stands counts (CoDel's interval): a burst the loop takes up soon is no flood.
+            behind_since = (behind_since or now) if lag_s > LAG_TARGET_S else None
+            standing = behind_since is not None and now - behind_since >= LAG_INTERVAL_S
+            self.core.admission.lag_s = lag_s if standing else 0.0
+            taken_before, since = taken, now
 
     async def _refresh_metrics(self) -> None:
         """A worker's gauges read at scrape time in one process are copied to its files each second."""
@@ -169,8 +203,9 @@ class FusionServer:
             await asyncio.sleep(delay)
             await self._server.stop(grace - delay)
         await self.core.aclose()
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in (self._refresher, self._backlog_watch):
+            if task is not None:
+                task.cancel()
         self.metrics.close()
         self._stopped.set()
         logger.info("shut down")

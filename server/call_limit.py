@@ -28,9 +28,18 @@ class CallLimit:
         self.max_calls = max_calls
         self.calls = 0
         """Calls in flight now."""
-
+        self.taken = 0
+        """Calls the event loop has taken up from gRPC since the start, every service's (see :meth:`took`)."""
         self._retry_after_s = retry_after_s  # when a refused caller should come back
         self._on_refusal = on_refusal  # told the reason of each refusal (the shed metric)
+
+    def took(self) -> None:
+        """The event loop took up one more call from gRPC (health and reflection included).
+
+        Against gRPC core's own count of the calls it received, this tells how many wait in gRPC's
+        accept queue for the loop (server/app.py reads it for the door's deadline rule).
+        """
+        self.taken += 1
 
     def enter(self) -> None:
         """Count one more call, or raise QueueFullError (reason ``calls``) when ``max_calls`` are in flight."""

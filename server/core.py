@@ -98,6 +98,14 @@ class ServingCore:
         self._ort_pool.shutdown(wait=True)
         self._pre_pool.shutdown(wait=True)
 
+    def refuse_if_late(self, items: int, deadline: float | None) -> None:
+        """Raise at once if the door's deadline rule would refuse a call of ``items`` items now.
+
+        Front-ends call it before they decode a request: under a flood every refused call is cheaper.
+        """
+        if deadline is not None:
+            self.admission.check_deadline(max(items, 1), deadline - asyncio.get_running_loop().time())
+
     def _admit(self, items: int, deadline: float | None) -> contextlib.AbstractContextManager[None]:
         """Pass the door (server/admission.py) with ``items`` items and a ``loop.time()`` deadline."""
         timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()

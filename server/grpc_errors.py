@@ -197,6 +197,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """Wrap our handlers' behaviour so exceptions become status codes."""
+        self._calls.took()
         handler = await continuation(details)
         method = details.method
         if handler is None or not method.startswith(self._prefixes):

@@ -96,7 +96,9 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """Unary classify: any bad item fails the call with INVALID_ARGUMENT naming the item."""
         with track(self.core.metrics, self.core.registry.metric_label(request.model or PIPELINE_NAME), "typed"):
-            entry, result = await self._classify(request, _deadline(context), per_item=False)
+            deadline = _deadline(context)
+            self.core.refuse_if_late(len(request.items), deadline)
+            entry, result = await self._classify(request, deadline, per_item=False)
             return classify_response(request, entry, result)
 
     async def _stream_one(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:

@@ -167,12 +167,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        deadline = request_deadline(request, context)
+        self.core.refuse_if_late(1, deadline)  # one item, before the tensors are read; admission counts them all
         entry = self.core.registry.get(request.model_name, parse_version(request.model_version))
         config = entry.config
         assert config is not None
         check_request_parameters(request)
         raw = wants_raw_output(request)
-        deadline = request_deadline(request, context)
         inputs = decode_inputs(request, config)
         names = requested_outputs(request, config)
         # Pinned to the version resolved above, so a reload in between cannot mix versions.

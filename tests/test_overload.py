@@ -132,6 +132,24 @@ def test_a_call_whose_deadline_cannot_be_met_is_refused_and_one_that_can_is_admi
     assert door.inflight == 0
 
 
+def test_while_the_loop_lags_behind_in_taking_calls_up_short_deadlines_are_refused_and_long_ones_not():
+    door, _ = measured(target_s=0.0, items_per_s=1000)
+    door.service_s = 0.002
+    with door.admit(10):  # 10 ms of work ahead
+        with door.admit(1, timeout_s=0.05):
+            pass
+        door.lag_s = 0.08  # the calls waiting in gRPC's accept queue: 80 ms for the loop to take up
+        with pytest.raises(OverloadedError, match="in about 92 ms, after its deadline"):
+            with door.admit(1, timeout_s=0.05):
+                pass
+        with door.admit(1, timeout_s=0.5), door.admit(1):  # a long deadline, and none: not affected
+            pass
+    door.lag_s = 0.08
+    with pytest.raises(OverloadedError):  # nothing admitted, but the loop is behind: not idle
+        with door.admit(1, timeout_s=0.05):
+            pass
+
+
 def test_a_call_into_an_idle_server_is_admitted_whatever_its_deadline_unless_it_has_passed():
     door, _ = measured(target_s=0.0, items_per_s=10)  # a slow server: 100 ms an item
     with door.admit(1, timeout_s=0.001):  # nothing ahead of it: this is its best chance
