@@ -91,7 +91,8 @@ async def load_onnx(
             await batcher.submit(_warmup_inputs(config, 1))
             if model.on_cuda and batcher.max_batch_size > 1:
                 await batcher.submit(_warmup_inputs(config, batcher.max_batch_size))
-        batcher.stats = metrics.batch_stats(config.name)  # the statistics count served work, not warm-ups
+        # The statistics count served work, not warm-ups.
+        batcher.stats = metrics.batch_stats(config.name, config.version)
         entry.state = READY
         logger.info("model %s v%d READY on %s", config.name, config.version, model.providers)
     except DeviceUnavailableError:
