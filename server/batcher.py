@@ -30,6 +30,8 @@ from fusionserve.errors import (
     ModelNotReadyError,
     QueueFullError,
 )
+from fusionserve.server.calls import Call
+from fusionserve.server.calls import current as current_call
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class _Work:
     future: asyncio.Future
     deadline: float | None  # loop.time() by which the caller needs the answer
     lone: bool = False  # the caller knows no other request is in flight on this server path
+    call: Call | None = None  # the caller's record, when tracing or the access log is on (server/calls.py)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -69,10 +72,13 @@ class DynamicBatcher:
         stats: BatchStats | None = None,
         inline_below_s: float = 100e-6,
         inline_idle_below_s: float = 500e-6,
+        version: int = 0,
+        provider: str = "",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.name = name
+        self.version, self.provider = version, provider  # what traces say about this batcher's runs
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -154,7 +160,7 @@ class DynamicBatcher:
                 reason="queue_full",
             )
         loop = asyncio.get_running_loop()
-        work = _Work(inputs, size, loop.create_future(), deadline, lone)
+        work = _Work(inputs, size, loop.create_future(), deadline, lone, current_call())
         self._queue.append(work)
         self._queued_items += size
         if self._running:
@@ -278,9 +284,11 @@ class DynamicBatcher:
         self.items_run += rows
         if self.stats.on_batch:
             self.stats.on_batch(rows, compute_s)
-        offset = 0
+        offset, leader = 0, None
         for work in live:
             end = offset + work.size
             if not work.future.done():
                 work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+                if work.call is not None:
+                    leader = work.call.batched(self, work.enqueued, started, compute_s, rows, len(live), leader)
             offset = end

@@ -84,6 +84,8 @@ async def load_onnx(
             max_batch_size=s.max_batch_size or config.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size,
+            version=config.version,
+            provider=model.providers[0] if model.providers else "",
         )
         await batcher.start()
         entry.batcher = batcher
