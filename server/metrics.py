@@ -154,6 +154,9 @@ class Metrics:
             "fusionserve_resident_memory_bytes", "Resident memory of the serving processes (summed over workers)",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.access_log_dropped = Counter(
+            "fusionserve_access_log_dropped", "Access log lines dropped because the writer fell behind", registry=r
+        )
         self.totals: dict[str, ModelTotals] = {}
         folder = multiprocess_dir()
         self._totals_folder = folder / TOTALS_FOLDER if folder is not None else None
