@@ -265,3 +265,19 @@ def test_without_the_tracing_extra_a_server_serves_unchanged(repository, without
         channel.close()
         assert server.close() == 0
     assert '"method": "/fusionserve.v1.FusionService/Classify"' in "".join(server.log)
+
+
+def test_spans_dropped_by_a_full_export_queue_are_one_warning_a_minute(receiver, monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")  # the exporter falls behind at once
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    traced = tracing.Tracing(receiver.endpoint)
+    caplog.set_level("WARNING", logger="opentelemetry")
+    for _ in range(200):
+        call = traced.start("/fusionserve.v1.FusionService/Classify", [], "", 0.0)
+        assert call is not None
+        for _ in range(5):
+            call.span("decode", 0.0, 0.001, {})
+        call.end(0.002, "OK", "")
+    traced.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if "Queue full" in r.getMessage()]
+    assert len(warnings) == 1 and "spans dropped in the last minute" in warnings[0], warnings
