@@ -11,9 +11,10 @@ it with the status the caller got: the span ends (server/tracing.py) and the log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -88,6 +89,21 @@ class Observer:
         return Call(method, peer, trace=trace, trace_id=None if trace is not None else caller_trace_id(metadata),
                     close=self._closed, keep_inputs=self._keep_inputs)  # fmt: skip
 
+    @contextlib.contextmanager
+    def observed(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[Call]:
+        """A Call, current while the RPC to ``method`` runs, closed with the status its caller got."""
+        call = self.open(method, context)
+        token = opened(call)
+        error: BaseException | None = None
+        try:
+            yield call
+        except BaseException as e:  # GeneratorExit too: a stream the caller left
+            error = e
+            raise
+        finally:
+            closed(token)
+            call.close(*_outcome(error, context))
+
     def _closed(self, call: Call) -> None:
         if call.trace is not None:
             call.trace.end(call.ended, call.code, call.message)
@@ -146,17 +162,8 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
         observer = self._observer
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = observer.open(method, context)
-            token = opened(call)
-            error: BaseException | None = None
-            try:
+            with observer.observed(method, context):
                 return await behavior(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                closed(token)
-                call.close(*_outcome(error, context))
 
         return wrapper
 
@@ -164,17 +171,8 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
         observer = self._observer
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = observer.open(method, context)
-            token = opened(call)
-            error: BaseException | None = None
-            try:
+            with observer.observed(method, context):
                 async for response in behavior(request, context):
                     yield response
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                closed(token)
-                call.close(*_outcome(error, context))
 
         return wrapper
