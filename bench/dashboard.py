@@ -8,7 +8,8 @@ seen, light again) and a trickle of bad requests runs beside. Then every panel q
 ``deploy/monitoring/fusionserve-dashboard.json`` is asked over the whole run (``query_range``) and
 drawn where the dashboard puts it. The picture in docs/OBSERVABILITY.md is this script's output.
 
-    python bench/dashboard.py [--phase-s 40] [--smoke]      # writes bench/results/dashboard.png
+    python bench/dashboard.py [--phase-s 40] [--smoke]      # writes bench/results/dashboard.png and .json
+    python bench/dashboard.py --redraw                      # the picture again, from the .json's answers
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "fusionserve-dashboard.json"
 RULES = MONITORING / "fusionserve.rules.yml"
 RATE_WINDOW = "10s"
+SHADES = {"rollout of v2": "#dde8f6", "overload (16-item calls)": "#f8dcdc"}
+SHADE_NAMES = {"#dde8f6": "in blue", "#f8dcdc": "in red"}
 CACHE_MB = 0.5
 """About 1,000 embeddings: the 256 repeated items fit, the overload's 2,048 fresh ones do not."""
 UNITS = {"s": (1e3, "ms"), "bytes": (2**-20, "MiB"), "percentunit": (100, "%"), "reqps": (1, "/s")}
@@ -103,7 +106,7 @@ def draw(panels: list[dict], series: dict[str, list[tuple[str, list]]], marks: l
     start, span = marks[0][1], marks[-1][1] - marks[0][1]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     fig = plt.figure(figsize=(18, rows * 0.3))
-    grid = fig.add_gridspec(rows, 24, hspace=0.0, wspace=0.0)
+    grid = fig.add_gridspec(rows, 24, hspace=0.0, wspace=0.0, top=0.97, bottom=0.01, left=0.01, right=0.99)
     for panel in panels:
         g = panel["gridPos"]
         if panel["type"] == "row":
@@ -118,17 +121,16 @@ def draw(panels: list[dict], series: dict[str, list[tuple[str, list]]], marks: l
             ts = [float(t) - start for t, _ in values]
             ax.plot(ts, [float(v) * scale for _, v in values], linewidth=0.9, label=label)
         for (phase, t0), (_, t1) in zip(marks, marks[1:], strict=False):
-            if "overload" in phase or "rollout" in phase:
-                ax.axvspan(t0 - start, t1 - start, color="0.92", zorder=0)
+            if phase in SHADES:
+                ax.axvspan(t0 - start, t1 - start, color=SHADES[phase], zorder=0)
         ax.set_xlim(0, span)
         ax.set_title(panel["title"] + (f" ({unit})" if unit else ""), fontsize=8, loc="left")
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
         if series.get(panel["title"]):
             ax.legend(fontsize=5, loc="upper left", ncol=2, frameon=False)
-    shaded = ", then ".join(p for p, _ in marks if "overload" in p or "rollout" in p)
-    fig.suptitle(f"fusionserve: the dashboard's panels over a real run (x: seconds; shaded: {shaded})", fontsize=10,
-                 y=1.0)  # fmt: skip
+    shaded = ", ".join(f"{p} {SHADE_NAMES[SHADES[p]]}" for p, _ in marks if p in SHADES)
+    fig.suptitle(f"fusionserve: the dashboard's panels over a real run (x: seconds; {shaded})", fontsize=10)
     path = RESULTS / f"{name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72, bbox_inches="tight")
@@ -139,7 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase-s", type=float, default=40.0, help="seconds of each load phase")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI (no rollout, no claims)")
+    parser.add_argument("--redraw", action="store_true", help="draw the last run's saved answers again, no new run")
     args = parser.parse_args()
+    if args.redraw:
+        name = result_name("dashboard", smoke=args.smoke)
+        answers = json.loads((RESULTS / f"{name}.json").read_text())["answers"]
+        print("wrote", draw(json.loads(DASHBOARD.read_text())["panels"], answers["series"], answers["marks"], name))
+        return
     phase_s = 4.0 if args.smoke else args.phase_s
     if shutil.which("prometheus") is None:
         raise SystemExit("bench/dashboard.py needs a Prometheus server: apt-get install prometheus")
@@ -181,7 +189,8 @@ def main() -> None:
     picture = draw(panels, series, marks, name)
     summary = {"machine": machine(), "settings": {"phase_s": phase_s, "rate_window": RATE_WINDOW, "workers": 2},
                "phases": [(p, t - marks[0][1]) for p, t in marks], "panels_without_data": empty, "alerts": alerts,
-               "series": {title: len(s) for title, s in series.items()}}  # fmt: skip
+               "series": {title: len(s) for title, s in series.items()},
+               "answers": {"marks": marks, "series": series}}  # fmt: skip
     print("phases (s from the start):", ", ".join(f"{p} {t:.0f}" for p, t in summary["phases"]))
     print(f"{len(series)} panels drawn, {sum(summary['series'].values())} series; without data: {empty or 'none'}")
     print("alerts at the end:", alerts or "none")

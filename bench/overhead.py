@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,21 @@ class _Context:
         return None
 
 
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Environment variables set for a while (OpenTelemetry reads its own when its objects are made)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def direct_costs(calls: int = 3000) -> dict[str, float]:
     """Microseconds of work per one-item call that tracing and the access log add, each timed on its own thread.
 
@@ -202,14 +218,13 @@ def direct_costs(calls: int = 3000) -> dict[str, float]:
                 out.write(_line(values))
         log_writer_us = (time.thread_time() - started) / calls * 1e6
     memory = InMemorySpanExporter()
-    queue = os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE")
-    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(20 * calls)  # keep every span: time them all
-    tracing = Tracing(exporter=memory)
-    if queue is None:
-        del os.environ["OTEL_BSP_MAX_QUEUE_SIZE"]
-    else:
-        os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = queue
+    with environment(OTEL_BSP_MAX_QUEUE_SIZE=str(20 * calls)):  # keep every span: time them all
+        tracing = Tracing(exporter=memory)
     trace_loop_us = loop_side(Observer(tracing, None))
+    with environment(OTEL_TRACES_SAMPLER="always_off"):  # what a call not sampled costs
+        unsampled = Tracing(exporter=InMemorySpanExporter())
+    unsampled_loop_us = loop_side(Observer(unsampled, None))
+    unsampled.shutdown()
     tracing.provider.force_flush()
     spans = memory.get_finished_spans()
     started = time.thread_time()
@@ -218,6 +233,7 @@ def direct_costs(calls: int = 3000) -> dict[str, float]:
     tracing.shutdown()
     return {"access_log_loop_us": log_loop_us, "access_log_writer_us": log_writer_us,
             "tracing_loop_us": trace_loop_us, "tracing_export_us": trace_export_us,
+            "tracing_unsampled_loop_us": unsampled_loop_us,
             "spans_per_call": len(spans) / calls}  # fmt: skip
 
 
@@ -272,6 +288,7 @@ def bench_observability(repo: Path, items: list, duration: float, server_args: t
     direct = direct_costs(300 if smoke else 3000)
     direct["share_access_log"] = (direct["access_log_loop_us"] + direct["access_log_writer_us"]) / per_call_us
     direct["share_tracing"] = (direct["tracing_loop_us"] + direct["tracing_export_us"]) / per_call_us
+    direct["share_tracing_unsampled"] = direct["tracing_unsampled_loop_us"] / per_call_us
     return {"rounds": rounds, "per_round": figures, "runs": runs, "ratios": ratios, "off_path_hooks": off_hooks,
             "direct": direct, "spans_received": spans}
 
@@ -292,7 +309,8 @@ def print_observability(o: dict[str, Any]) -> None:
     print(f"timed directly, per call: access log {d['access_log_loop_us']:.1f} µs on the loop + "
           f"{d['access_log_writer_us']:.1f} µs in its thread = {d['share_access_log'] * 100:.1f}% of the server's "
           f"CPU per call; tracing ({d['spans_per_call']:.0f} spans) {d['tracing_loop_us']:.1f} µs on the loop + "
-          f"{d['tracing_export_us']:.1f} µs encoding = {d['share_tracing'] * 100:.1f}%")  # fmt: skip
+          f"{d['tracing_export_us']:.1f} µs encoding = {d['share_tracing'] * 100:.1f}%; a call not sampled "
+          f"{d['tracing_unsampled_loop_us']:.1f} µs = {d['share_tracing_unsampled'] * 100:.1f}%")  # fmt: skip
 
 
 def main() -> None:
