@@ -7,18 +7,19 @@ request of a stream; the stream itself gets a line too, when it ends). Texts and
 never written unless ``access_log_inputs`` asks (then ``texts``, and ``images`` in base64).
 
 ``access_log``: ``off``, ``all``, or a share such as ``0.01``: that share of the calls that succeed,
-and every call that fails. The loop only puts a tuple on a bounded queue; the thread formats and
-writes. When the thread falls :data:`MAX_PENDING` lines behind, new lines are dropped and counted
-(``fusionserve_access_log_dropped_total``) instead of memory growing or the loop waiting.
+and every call that fails. The loop only appends a tuple to a bounded queue; the thread formats and
+writes, every :data:`FLUSH_S`. When the thread falls :data:`MAX_PENDING` lines behind, new lines
+are dropped and counted (``fusionserve_access_log_dropped_total``) instead of memory growing or the
+loop waiting.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import datetime
 import json
 import os
-import queue
 import random
 import threading
 from collections.abc import Callable
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 MAX_PENDING = 10_000
 """Lines the writer thread may be behind before new ones are dropped."""
+FLUSH_S = 0.1
+"""How often the writer thread writes what has come: lines reach the file within about this long."""
+WRITE_LINES = 512
+"""Lines formatted and written in one system call, at most."""
 FIELDS = ("time", "method", "model", "version", "items", "code", "duration_ms", "queue_ms", "peer", "trace_id",
           "stream_item")  # fmt: skip
 STDERR = 2
@@ -69,6 +74,10 @@ def _line(values: tuple[Any, ...]) -> str:
 class AccessLog:
     """Writes the lines of :class:`~fusionserve.server.calls.Call` objects to a file or standard error.
 
+    The loop appends each line's values to a deque (no lock, no thread woken); the writer thread wakes
+    every ``FLUSH_S``, formats what is there and writes it in one system call. A thread woken for each
+    line would take the interpreter's lock from the loop as often: that cost the loop 0.3 ms a call.
+
     Args:
         share: of the successful calls, the share logged (failed calls always are); see :func:`share_logged`.
         path: the file lines are appended to; None: standard error.
@@ -83,9 +92,11 @@ class AccessLog:
         self.inputs = inputs
         self.dropped = 0
         self._on_dropped = on_dropped
+        self._max_pending = max_pending
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path is not None else STDERR
         self._owns_fd = path is not None
-        self._pending: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_pending)
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._write_lines, name="access-log", daemon=True)
         self._thread.start()
 
@@ -93,39 +104,29 @@ class AccessLog:
         """Queue ``call``'s line, if it is sampled (never blocks)."""
         if call.code == "OK" and self.share < 1.0 and random.random() >= self.share:
             return
-        values = (call.wall_time, call.method, call.model, call.version, call.items, call.code,
-                  round((call.ended - call.started) * 1e3, 3), round(call.queue_s * 1e3, 3), call.peer,
-                  call.trace_id, call.stream_item, call.texts, call.images)  # fmt: skip
-        try:
-            self._pending.put_nowait(values)
-        except queue.Full:
+        if len(self._pending) >= self._max_pending:
             self.dropped += 1
             if self._on_dropped is not None:
                 self._on_dropped()
+            return
+        self._pending.append((call.wall_time, call.method, call.model, call.version, call.items, call.code,
+                              round((call.ended - call.started) * 1e3, 3), round(call.queue_s * 1e3, 3), call.peer,
+                              call.trace_id, call.stream_item, call.texts, call.images))  # fmt: skip
 
     def _write_lines(self) -> None:
         while True:
-            first = self._pending.get()
-            batch = [first]
-            while first is not None and len(batch) < 512:  # write what is waiting in one system call
-                try:
-                    batch.append(self._pending.get_nowait())
-                except queue.Empty:
-                    break
-                if batch[-1] is None:
-                    break
-            data = "".join(_line(values) for values in batch if values is not None).encode()
-            while data:
-                data = data[os.write(self._fd, data):]
-            if batch[-1] is None:
+            stopping = self._stop.wait(FLUSH_S)
+            while self._pending:
+                count = min(len(self._pending), WRITE_LINES)  # what is there now, a bounded amount at a time
+                data = "".join(_line(self._pending.popleft()) for _ in range(count)).encode()
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            if stopping:
                 return
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, then stop the thread (and close the file)."""
-        try:
-            self._pending.put(None, timeout=timeout_s)
-        except queue.Full:
-            pass
+        self._stop.set()
         self._thread.join(timeout_s)
         if self._owns_fd:
             os.close(self._fd)
