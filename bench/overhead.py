@@ -18,13 +18,16 @@ both are off, timed directly (``--observability-only`` runs just this part).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from _common import (
     RESULTS,
@@ -181,17 +184,17 @@ def direct_costs(calls: int = 3000) -> dict[str, float]:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from fusionserve.server.access_log import AccessLog, _line
-    from fusionserve.server.calls import closed, opened
+    from fusionserve.server.calls import current
     from fusionserve.server.observe import Observer
     from fusionserve.server.tracing import Tracing
 
     def loop_side(observer: Observer) -> float:
-        """One one-item Classify's worth of hooks on an observed call."""
+        """One one-item Classify's worth of work on the loop: the interceptor, the call's record and its hooks."""
         context, method = _Context(), "/fusionserve.v1.FusionService/Classify"
-        started = time.thread_time()
-        for _ in range(calls):
-            call = observer.open(method, context)
-            token = opened(call)
+
+        async def classify(request: object, _: object) -> None:
+            call = current()
+            assert call is not None
             call.admitted("multimodal", 1, 1)
             for step in ("cache image_encoder", "decode", "tokenise", "cache text_encoder"):
                 call.step(step, time.perf_counter())
@@ -202,9 +205,21 @@ def direct_costs(calls: int = 3000) -> dict[str, float]:
                     call.trace.span("queue fusion", t, t, {})
                     call.trace.span("batch fusion", t, t, {"fusionserve.batch.size": 1})
             call.finished("multimodal", "OK")
-            closed(token)
-            call.close("OK", "")
-        return (time.thread_time() - started) / calls * 1e6
+
+        async def calls_through_the_interceptor() -> float:
+            interceptor, handler = observer.interceptor(), grpc.unary_unary_rpc_method_handler(classify)
+            details = types.SimpleNamespace(method=method, invocation_metadata=context.invocation_metadata())
+
+            async def continuation(_: object) -> grpc.RpcMethodHandler:
+                return handler
+
+            started = time.thread_time()
+            for _ in range(calls):
+                wrapped = await interceptor.intercept_service(continuation, details)
+                await wrapped.unary_unary(None, context)
+            return (time.thread_time() - started) / calls * 1e6
+
+        return asyncio.run(calls_through_the_interceptor())
 
     with tempfile.TemporaryDirectory() as folder:
         log = AccessLog(1.0, Path(folder) / "access.log")
