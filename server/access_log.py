@@ -76,7 +76,7 @@ class AccessLog:
 
     The loop appends each line's values to a deque (no lock, no thread woken); the writer thread wakes
     every ``FLUSH_S``, formats what is there and writes it in one system call. A thread woken for each
-    line would take the interpreter's lock from the loop as often: that cost the loop 0.3 ms a call.
+    line would take the interpreter's lock from the loop as often.
 
     Args:
         share: of the successful calls, the share logged (failed calls always are); see :func:`share_logged`.
