@@ -106,7 +106,7 @@ class Tracing:
 
     A call's own span goes through the SDK (it decides sampling and reads the caller's context); the
     spans below it, finished when they are recorded, are handed to the exporter as they are, which
-    costs a sixth of what the SDK's start-and-end does for each.
+    skips most of the SDK's start-and-end work for each (the cost: docs/OBSERVABILITY.md#cost).
     """
 
     def __init__(self, endpoint: str = "", *, worker: int = 0, exporter: Any = None) -> None:
