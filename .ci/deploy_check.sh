@@ -9,7 +9,10 @@
 #      apiVersion/kind/metadata/spec checked, its predictor's pod fields validated against the
 #      Kubernetes PodSpec schema and its remaining fields against KServe's known extension fields;
 #   4. cross-resource consistency: selectors, probes, drain timing, security settings, and the
-#      FUSIONSERVE_* variables (each a known server setting, their values accepted by the server).
+#      FUSIONSERVE_* variables (each a known server setting, their values accepted by the server);
+#   5. the Prometheus Operator's resources (no bundled schema either): the PodMonitor scrapes the
+#      port and path the pods' annotations name, and deploy/monitoring/prometheusrule.sh wraps the
+#      rules file unchanged.
 #
 # Installs its tools into the current Python environment (activate a venv first).
 # Usage: bash .ci/deploy_check.sh            (DEPLOY_DIR=path/to/deploy to check another copy)
@@ -81,6 +84,7 @@ if "$PYTHON" - "$ROOT" "$DEPLOY_DIR" "$tmp/rendered.list" "${K8S_VERSIONS[@]}" <
 """Dockerfile contract, schema validation and consistency checks for deploy/ (see the header)."""
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -195,6 +199,7 @@ for kfile in kustomizations:
         kustomize_inputs.add((kfile.parent / res).resolve())
 
 kserve_docs = []
+operator_docs = []
 manifests = sorted(p for p in k8s.rglob("*") if p.suffix in (".yaml", ".yml"))
 check(bool(manifests), f"manifests found under {rel(k8s)}")
 for path in manifests:
@@ -215,6 +220,8 @@ for path in manifests:
             check(False, f"{rel(path)}: a document without apiVersion/kind/metadata")
         elif doc["apiVersion"].startswith("serving.kserve.io/"):
             kserve_docs.append((path, doc))
+        elif doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            operator_docs.append((path, doc))
         else:
             validate(doc, rel(path))
 
@@ -379,6 +386,42 @@ for path, doc in kserve_docs:
         check(key not in predictor or isinstance(predictor[key], int), f"{where}: {key} is an integer")
     check(predictor.get("scaleMetric") in (None, "cpu", "memory", "concurrency", "rps"),
           f"{where}: scaleMetric is one of cpu, memory, concurrency, rps")
+
+# ---- Prometheus Operator: PodMonitor, PrometheusRule (no bundled schemas) ----------------------------
+base_docs = resources_by_overlay.get(k8s / "base", [])
+base_pods = [d["spec"]["template"] for d in base_docs if d["kind"] == "Deployment"]
+monitors = [(p, d) for p, d in operator_docs if d["kind"] == "PodMonitor"]
+check(len(monitors) == 1 and len(monitors) == len(operator_docs), f"one PodMonitor under {rel(k8s)} (and no other "
+      "monitoring.coreos.com resource: the rules come from deploy/monitoring/prometheusrule.sh)")
+for path, doc in monitors:
+    where = f"{rel(path)}: PodMonitor/{doc['metadata'].get('name')}"
+    print(f"NOTE {where}: no bundled schema for monitoring.coreos.com; checked against the Deployment")
+    check(doc["apiVersion"] == "monitoring.coreos.com/v1", f"{where}: apiVersion monitoring.coreos.com/v1")
+    check(doc["metadata"].get("namespace") == "fusionserve", f"{where}: in namespace fusionserve")
+    spec = doc.get("spec", {})
+    check(set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"},
+          f"{where}: known spec fields only ({sorted(spec)})")
+    for template in base_pods:
+        labels, annotations = template["metadata"].get("labels", {}), template["metadata"].get("annotations", {})
+        check(labels_match(spec.get("selector", {}).get("matchLabels"), labels), f"{where}: selects the Deployment's pods")
+        ports = {p.get("name"): p.get("containerPort") for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        for endpoint in spec.get("podMetricsEndpoints", []) or [{}]:
+            port = endpoint.get("port")
+            check(port in ports and str(ports[port]) == annotations.get("prometheus.io/port"),
+                  f"{where}: scrapes container port {port!r} ({ports.get(port)}), the one prometheus.io/port names")
+            check(endpoint.get("path") == annotations.get("prometheus.io/path"),
+                  f"{where}: path {endpoint.get('path')!r} is the one prometheus.io/path names")
+
+monitoring = deploy / "monitoring"
+printed = subprocess.run(["bash", str(monitoring / "prometheusrule.sh")], capture_output=True, text=True)
+if check(printed.returncode == 0, f"{rel(monitoring / 'prometheusrule.sh')} runs ({printed.stderr.strip()})"):
+    rule = yaml.safe_load(printed.stdout)
+    where = f"{rel(monitoring / 'prometheusrule.sh')}: PrometheusRule/{rule['metadata']['name']}"
+    check((rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule"),
+          f"{where}: apiVersion monitoring.coreos.com/v1, kind PrometheusRule")
+    rules_file = yaml.safe_load((monitoring / "fusionserve.rules.yml").read_text())
+    check(rule["spec"] == rules_file and bool(rules_file.get("groups")),
+          f"{where}: spec is fusionserve.rules.yml, unchanged ({len(rules_file.get('groups', []))} groups)")
 
 print(f"deploy_check: {failures} failed check(s) in the Dockerfile contract and manifests")
 sys.exit(1 if failures else 0)

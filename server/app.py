@@ -23,6 +23,7 @@ from fusionserve.server.call_limit import CallLimit
 from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import ErrorInterceptor
 from fusionserve.server.metrics import Metrics
+from fusionserve.server.observe import Observer
 from fusionserve.server.registry import READY
 from fusionserve.server.settings import ServerSettings
 from fusionserve.server.streams import Streams
@@ -69,11 +70,14 @@ class FusionServer:
         self._refresher: asyncio.Task | None = None
         self._server_id: int | None = None  # gRPC core's channelz id of this server, when it can be told
         self._backlog_watch: asyncio.Task | None = None
+        self.observer: Observer | None = None
 
     async def start(self) -> None:
         """Load and warm up the models, then bind and start serving."""
         credentials = server_credentials(self.settings)  # fail on bad TLS files before loading models
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        # Tracing and the access log (None when both are off): fails on a missing extra before loading models.
+        self.observer = Observer.from_settings(self.settings, self.metrics, worker=self.worker)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.observer.interceptor()] if self.observer else []
         if self.settings.auth_token_file:
             tokens = load_tokens(self.settings.auth_token_file)
             interceptors.append(TokenAuthInterceptor(tokens, exempt_health=self.settings.auth_exempt_health))
@@ -203,6 +207,8 @@ class FusionServer:
             await asyncio.sleep(delay)
             await self._server.stop(grace - delay)
         await self.core.aclose()
+        if self.observer is not None:
+            await self.observer.aclose()
         for task in (self._refresher, self._backlog_watch):
             if task is not None:
                 task.cancel()

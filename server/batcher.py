@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError
+from fusionserve.server.calls import Call
+from fusionserve.server.calls import current as current_call
 from fusionserve.server.room import Room
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class _Work:
     deadline: float | None  # loop.time() by which the caller needs the answer
     lone: bool = False  # the caller knows no other request is in flight on this server path
     room: int = 0  # the items it holds in the queue's room (its size, cut to the room's capacity)
+    call: Call | None = None  # the caller's record, when tracing or the access log is on (server/calls.py)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -67,10 +70,13 @@ class DynamicBatcher:
         stats: BatchStats | None = None,
         inline_below_s: float = 100e-6,
         inline_idle_below_s: float = 500e-6,
+        version: int = 0,
+        provider: str = "",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.name = name
+        self.version, self.provider = version, provider  # what traces say about this batcher's runs
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._room = Room(max_queue_size, f"model {name!r}'s queue (max_queue_size)")
@@ -156,7 +162,7 @@ class DynamicBatcher:
                 self._room.leave(room)
                 raise ModelNotReadyError(f"model {self.name!r} is not serving")
         loop = asyncio.get_running_loop()
-        work = _Work(inputs, size, loop.create_future(), deadline, lone, room)
+        work = _Work(inputs, size, loop.create_future(), deadline, lone, room, current_call())
         self._queue.append(work)
         if self._running:
             self._busy = True
@@ -279,9 +285,11 @@ class DynamicBatcher:
         self.items_run += rows
         if self.stats.on_batch:
             self.stats.on_batch(rows, compute_s)
-        offset = 0
+        offset, leader = 0, None
         for work in live:
             end = offset + work.size
             if not work.future.done():
                 work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+                if work.call is not None:
+                    leader = work.call.batched(self, work.enqueued, started, compute_s, rows, len(live), leader)
             offset = end

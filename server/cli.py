@@ -36,6 +36,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "queue_delay_target_ms": args.queue_delay_target_ms,
     }
     settings = ServerSettings.load(args.config, overrides=overrides)
+    from fusionserve.server.tracing import check
+
+    check(settings.trace_endpoint)  # asked to trace without the tracing extra: one line naming it, before any work
     logging.getLogger("fusionserve").setLevel(settings.log_level.upper())
     from fusionserve.server.supervisor import supervise, worker_count
 

@@ -21,6 +21,7 @@ import numpy as np
 from fusionserve.errors import InvalidInputError, RepositoryError
 from fusionserve.repository import ModelConfig
 from fusionserve.server.admission import Admission
+from fusionserve.server.calls import current as current_call
 from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.lifecycle import ModelControl
 from fusionserve.server.limits import Limits
@@ -126,6 +127,8 @@ class ServingCore:
                 f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
             )
         with self._admit(items, deadline), entry.in_use():
+            if (call := current_call()) is not None:
+                call.admitted(entry.name, entry.version, items)
             yield entry, entry.pipeline
 
     # ---- inference -------------------------------------------------------------------------
@@ -200,6 +203,8 @@ class ServingCore:
         first = next(iter(inputs.values()), None)
         rows = first.shape[0] if first is not None and first.ndim else 1  # a scalar is refused just below
         with self._admit(rows, deadline):
+            if (call := current_call()) is not None:
+                call.admitted(entry.name, entry.version, rows)
             validate_inputs(entry.config, inputs, entry.max_batch_size)
             with entry.in_use():
                 return entry, await entry.batcher.submit(inputs, deadline=deadline)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from fusionserve.server.calls import current as current_call
 from fusionserve.server.metrics import Metrics
 
 ENTRY_OVERHEAD_BYTES = 256  # key tuple, digest, array header and dictionary slot, per entry (measured: ~230)
@@ -132,6 +133,9 @@ class CachedEncoder:
                 self._inflight[key] = asyncio.get_running_loop().create_future()
         self.metrics.cache_lookup(self.model, hits=len(found), misses=len(keys) - len(found),
                                   seconds=time.perf_counter() - started)  # fmt: skip
+        if (call := current_call()) is not None:
+            call.step(f"cache {self.model}", started, **{"fusionserve.model": self.model,
+                      "fusionserve.cache.hits": len(found), "fusionserve.cache.misses": len(keys) - len(found)})
         errors: dict[int, Exception] = {}
         if mine:
             await self._compute(mine, compute, found, errors)

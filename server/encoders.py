@@ -11,6 +11,7 @@ answer per item: features, or an INVALID_ARGUMENT naming the item.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
@@ -19,6 +20,7 @@ import numpy as np
 from fusionserve.errors import FusionServeError, InvalidInputError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image
 from fusionserve.server.batcher import DynamicBatcher, RunFn
+from fusionserve.server.calls import current as current_call
 from fusionserve.server.embedding_cache import CachedEncoder, EmbeddingCache
 from fusionserve.server.limits import Limits, check_image_header
 from fusionserve.server.metrics import Metrics
@@ -100,10 +102,16 @@ class ImageEncoder:
     async def features(self, images: Sequence[bytes], *, deadline: float | None, lone: bool = False,
                        noun: str = "item") -> Features:  # fmt: skip
         """Per index, the image's features or its error (``noun`` names items in error messages)."""
+        call = current_call()
+        if call is not None:
+            call.saw(images=images)
 
         async def compute(indices: list[int]) -> Features:
+            started = time.perf_counter()
             decoded = await self.decode([images[i] for i in indices], [f"{noun} {i}" for i in indices],
                                         deadline=deadline, lone=lone)  # fmt: skip
+            if call is not None:
+                call.step("decode", started, **{"fusionserve.images": len(indices)})
             good = [(i, d) for i, d in zip(indices, decoded, strict=True) if not isinstance(d, Exception)]
             errors = {i: d for i, d in zip(indices, decoded, strict=True) if isinstance(d, Exception)}
             if not good:
@@ -128,7 +136,11 @@ class TextEncoder:
 
     async def features(self, texts: Sequence[str], *, deadline: float | None, lone: bool = False) -> Features:
         """Per index, the text's features (keyed in the cache by its token ids)."""
+        started = time.perf_counter()
         tokens = self.vocabulary.encode(texts).astype(self.dtype, copy=False)
+        if (call := current_call()) is not None:
+            call.saw(texts=texts)
+            call.step("tokenise", started, **{"fusionserve.texts": len(texts)})
 
         async def compute(indices: list[int]) -> Features:
             out = await self.batcher.submit({self.step.inputs[0]: tokens[indices]}, deadline=deadline, lone=lone)

@@ -84,6 +84,8 @@ async def load_onnx(
             max_batch_size=s.max_batch_size or config.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size,
+            version=config.version,
+            provider=model.providers[0] if model.providers else "",
         )
         await batcher.start()
         entry.batcher = batcher
@@ -91,7 +93,8 @@ async def load_onnx(
             await batcher.submit(_warmup_inputs(config, 1))
             if model.on_cuda and batcher.max_batch_size > 1:
                 await batcher.submit(_warmup_inputs(config, batcher.max_batch_size))
-        batcher.stats = metrics.batch_stats(config.name)  # the statistics count served work, not warm-ups
+        # The statistics count served work, not warm-ups.
+        batcher.stats = metrics.batch_stats(config.name, config.version)
         entry.state = READY
         logger.info("model %s v%d READY on %s", config.name, config.version, model.providers)
     except DeviceUnavailableError:

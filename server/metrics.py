@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from fusionserve.server.batcher import BatchStats
 from fusionserve.server.model_totals import TOTALS_FOLDER, ModelTotals, TotalsFile, read_totals
@@ -36,11 +38,42 @@ def multiprocess_dir() -> Path | None:
     return Path(path) if path else None
 
 
-def multiprocess_registry(path: Path) -> CollectorRegistry:
-    """A registry holding the sum over every worker that wrote to ``path`` (the supervisor serves it)."""
+def multiprocess_registry(path: Path, restarts: Callable[[], dict[int, int]] | None = None) -> CollectorRegistry:
+    """A registry holding the sum over every worker that wrote to ``path`` (the supervisor serves it).
+
+    ``restarts`` gives, per worker number, how often the supervisor has started it again
+    (``fusionserve_worker_restarts_total{worker}``, read at each scrape).
+    """
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
+    if restarts is not None:
+        registry.register(_Restarts(restarts))
     return registry
+
+
+class _Restarts(Collector):
+    def __init__(self, restarts: Callable[[], dict[int, int]]) -> None:
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("fusionserve_worker_restarts", "Workers started again after they died",
+                                     labels=["worker"])  # fmt: skip
+        for worker, count in sorted(self._restarts().items()):
+            family.add_metric([str(worker)], count)
+        yield family
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> float:
+    """The resident memory of this process now (Linux: /proc/self/statm; elsewhere its peak, from getrusage)."""
+    try:
+        return float(int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE_BYTES)
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class Metrics:
@@ -61,17 +94,19 @@ class Metrics:
             "fusionserve_request_latency_seconds", "Request latency seen by the server", ["model", "api"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # Per model *version*: each version has its own batcher, so a rollout can be compared side by side.
         self.queue_time = Histogram(
-            "fusionserve_queue_time_seconds", "Time work waited in a model's batch queue", ["model"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "fusionserve_queue_time_seconds", "Time work waited in a model version's batch queue",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.compute_time = Histogram(
-            "fusionserve_compute_time_seconds", "onnxruntime time per batch", ["model"],
+            "fusionserve_compute_time_seconds", "onnxruntime time per batch", ["model", "version"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "fusionserve_batch_size", "Rows per onnxruntime run", ["model"], buckets=_BATCH_BUCKETS, registry=r
-        )
+            "fusionserve_batch_size", "Rows per onnxruntime run", ["model", "version"], buckets=_BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
         # multiprocess_mode: how workers' values add up (livesum: over live workers); ignored in one process.
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r,
                               multiprocess_mode="livesum")  # fmt: skip
@@ -115,6 +150,13 @@ class Metrics:
             "(gRPC core's own count): less fusionserve_requests_total and health/control calls, what gRPC shed",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.resident_memory = Gauge(
+            "fusionserve_resident_memory_bytes", "Resident memory of the serving processes (summed over workers)",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.access_log_dropped = Counter(
+            "fusionserve_access_log_dropped", "Access log lines dropped because the writer fell behind", registry=r
+        )
         self.totals: dict[str, ModelTotals] = {}
         folder = multiprocess_dir()
         self._totals_folder = folder / TOTALS_FOLDER if folder is not None else None
@@ -124,6 +166,7 @@ class Metrics:
         self._serving: set[str] = set()
         self._http: Any = None
         self.port: int | None = None
+        self.watch(self.resident_memory, resident_bytes)
 
     def cache_lookup(self, model: str, *, hits: int, misses: int, seconds: float) -> None:
         """One lookup of ``hits + misses`` inputs of ``model``'s encoder, which took ``seconds``."""
@@ -206,12 +249,12 @@ class Metrics:
             return self.totals
         return read_totals(self._totals_folder)
 
-    def batch_stats(self, model: str) -> BatchStats:
-        """Hooks for one model's batcher."""
+    def batch_stats(self, model: str, version: int) -> BatchStats:
+        """Hooks for the batcher of one model version."""
         compute, size, queue = (
-            self.compute_time.labels(model),
-            self.batch_size.labels(model),
-            self.queue_time.labels(model),
+            self.compute_time.labels(model, str(version)),
+            self.batch_size.labels(model, str(version)),
+            self.queue_time.labels(model, str(version)),
         )
         items = self.items.labels(model)
         totals = self.totals_of(model)

@@ -134,6 +134,20 @@ class ServerSettings:
     memory arena has grown to its peak and no request pays for that)."""
     log_level: str = "INFO"
     """Python logging level of the server."""
+    trace_endpoint: str = ""
+    """OpenTelemetry tracing: export spans over OTLP/gRPC to this collector (``http://collector:4317``).
+    Unset, tracing is on when the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT
+    is set, and off otherwise; service name, sampler and headers come from the standard OTEL_* variables.
+    Needs the ``tracing`` extra. See docs/OBSERVABILITY.md."""
+    access_log: str = "off"
+    """One JSON line per call: ``off``, ``all``, or a share such as ``0.01`` (that share of the calls that
+    succeed, and every call that fails). Written by a thread, never by the event loop; lines beyond
+    what it keeps up with are dropped and counted. See docs/OBSERVABILITY.md."""
+    access_log_file: Path | None = None
+    """File the access log is appended to; unset: standard error."""
+    access_log_inputs: bool = False
+    """Put each item's text and image bytes (base64) in its access log line: off, since they may be
+    personal data and images make lines large."""
 
     def cuda_provider_options(self) -> dict[str, str]:
         """The CUDA execution provider options these settings stand for, as onnxruntime spells them."""
@@ -238,6 +252,9 @@ class ServerSettings:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.max_batch_size < 0 or self.max_queue_delay_ms < 0 or self.shutdown_grace_s < 0:
             raise ValueError("max_batch_size, max_queue_delay_ms and shutdown_grace_s must be >= 0")
+        from fusionserve.server.access_log import share_logged
+
+        share_logged(self.access_log)  # raises ValueError on anything but off, all or a share
 
 
 def _convert(f: dataclasses.Field, value: Any) -> Any:

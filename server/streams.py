@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from fusionserve.errors import QueueFullError
+from fusionserve.server.calls import each_request
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -43,9 +44,9 @@ class Streams:
     async def answer(
         self, requests: AsyncIterator[Request], handle: Callable[[Request], Awaitable[Response]]
     ) -> AsyncIterator[Response]:
-        """One stream: hold a slot and :func:`answer_concurrently` its requests."""
+        """One stream: hold a slot and :func:`answer_concurrently` its requests (each its own observed call)."""
         with self.slot():
-            async for response in answer_concurrently(requests, handle, self.max_inflight):
+            async for response in answer_concurrently(requests, each_request(handle), self.max_inflight):
                 yield response
 
 

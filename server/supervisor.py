@@ -169,6 +169,7 @@ class _Worker:
     proc: asyncio.subprocess.Process | None = None
     ready_at: float | None = None  # monotonic time it said it serves
     deaths_in_a_row: int = 0
+    restarts: int = 0  # started again after it died (fusionserve_worker_restarts_total)
 
 
 class Supervisor:
@@ -241,12 +242,16 @@ class Supervisor:
 
         host, port = self.settings.metrics_host, self.settings.metrics_port
         try:
-            registry = multiprocess_registry(self._metrics_folder)
+            registry = multiprocess_registry(self._metrics_folder, self._restarts)
             self._http, _thread = start_http_server(port, addr=host, registry=registry)
         except OSError as e:
             raise ValueError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         self.metrics_port = int(self._http.server_port)
         logger.info("metrics on http://%s:%d/metrics (the sum over %d workers)", host, self.metrics_port, self.count)
+
+    def _restarts(self) -> dict[int, int]:
+        """How often each worker was started again after it died (read at each scrape)."""
+        return {w.number: w.restarts for w in self._workers}
 
     async def _start(self, worker: _Worker, settings_file: Path) -> asyncio.subprocess.Process:
         command = [sys.executable, "-m", "fusionserve.server.worker", "--settings", str(settings_file),
@@ -299,7 +304,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except asyncio.TimeoutError:
-                pass
+                worker.restarts += 1
 
     def _buried(self, pid: int) -> None:
         """A dead worker's files: its live gauges go; its counts stay in the sums, under a name no new pid takes."""

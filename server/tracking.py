@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import grpc
 
 from fusionserve.errors import QueueFullError
+from fusionserve.server.calls import current as current_call
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.metrics import Metrics
 
@@ -32,3 +33,5 @@ def track(metrics: Metrics, model: str, api: str) -> Iterator[None]:
     finally:
         gauge.dec()
         metrics.observe(model, api, code.name, time.perf_counter() - started)
+        if (call := current_call()) is not None:
+            call.finished(model, code.name)

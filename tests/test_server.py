@@ -304,12 +304,14 @@ def test_metrics_count_what_was_served(uncached, samples):
     assert delta("fusionserve_request_latency_seconds_sum", api="typed", model="multimodal") > 0
     for model in ("image_encoder", "text_encoder", "fusion"):
         assert delta("fusionserve_items_total", model=model) == 6, model
-        assert delta("fusionserve_batch_size_sum", model=model) == 6, model  # rows per run, summed
-        assert delta("fusionserve_batch_size_count", model=model) == 3, model  # one run per call
-        assert delta("fusionserve_compute_time_seconds_count", model=model) == 3, model
-        assert delta("fusionserve_queue_time_seconds_count", model=model) == 3, model
+        # Each model version's batcher has its own batch figures.
+        assert delta("fusionserve_batch_size_sum", model=model, version="1") == 6, model  # rows per run, summed
+        assert delta("fusionserve_batch_size_count", model=model, version="1") == 3, model  # one run per call
+        assert delta("fusionserve_compute_time_seconds_count", model=model, version="1") == 3, model
+        assert delta("fusionserve_queue_time_seconds_count", model=model, version="1") == 3, model
         assert after[("fusionserve_queued_items", (("model", model),))] == 0, model
     assert after[("fusionserve_inflight_requests", (("model", "multimodal"),))] == 0
+    assert after[("fusionserve_resident_memory_bytes", ())] > 50 * 2**20  # this process, onnxruntime loaded
 
 
 @pytest.mark.parametrize("limit, bound", [({"max_queue_size": 8}, 8), ({"max_pipeline_items": 16}, 16)])

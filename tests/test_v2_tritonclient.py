@@ -70,4 +70,4 @@ def test_scenario_list_is_complete():
     """Every scenario the script defines is run above (a new one cannot be forgotten)."""
     text = SCENARIOS_SCRIPT.read_text()
     defined = re.findall(r"@scenario\ndef (\w+)\(", text)
-    assert sorted(defined) == sorted([*SCENARIOS, "repository_control"])
+    assert sorted(defined) == sorted([*SCENARIOS, "repository_control", "traceparent"])  # the last: test_tracing

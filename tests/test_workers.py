@@ -114,6 +114,10 @@ def test_two_workers_serve_one_port_and_their_metrics_add_up(workers, samples):
     assert workers.metric('fusionserve_model_serving_version{model="multimodal"}') == 1
     # A gauge one process reads at scrape time (cache bytes) reaches the sum through the workers' refresh.
     assert wait_until(lambda: workers.metric('fusionserve_embedding_cache_bytes{model="image_encoder"}') > 0, 5)
+    # Resident memory is the workers' sum, within a few MB of what /proc says each holds now.
+    rss = sum(workers.rss_mb(pid) for pid in workers.workers.values()) * 2**20
+    assert wait_until(lambda: abs(workers.metric("fusionserve_resident_memory_bytes") - rss) < 0.1 * rss, 5)
+    assert [workers.metric(f'fusionserve_worker_restarts_total{{worker="{n}"}}') for n in (1, 2)] == [0, 0]
     _, count = workers.histogram("fusionserve_request_latency_seconds")["multimodal"]
     assert count >= calls
     print(f"\nworkers: {calls} calls over {CONNECTIONS} connections: per worker {sorted(per_worker.values())}")
@@ -173,6 +177,8 @@ def test_kill_9_of_a_worker_under_load_loses_no_call_and_it_is_restarted(reposit
         assert wait_until(lambda: server.metric('fusionserve_inflight_requests{model="multimodal"}') == 0, 5)
         log = "".join(server.log)
         assert f"worker {victim_number} (pid {victim}) killed by SIGKILL" in log and "starting it again" in log
+        restarts = [server.metric(f'fusionserve_worker_restarts_total{{worker="{n}"}}') for n in (1, 2)]
+        assert restarts == [1, 0]
         assert server.close() == 0
     print(f"\nworkers: kill -9 of worker {victim_number}: {len(answered)} calls OK, none failed; restarted")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import sys
 from collections.abc import Callable
@@ -364,6 +365,28 @@ def repository_control(url: str, repository: Path) -> None:
     np.testing.assert_allclose(after, before, atol=1e-6)
     expect_error("UNIMPLEMENTED", "config", lambda: client.load_model("fusion", config="{}"))
     expect_error("FAILED_PRECONDITION", "step of multimodal", lambda: client.unload_model("image_encoder"))
+    client.close()
+
+
+@scenario
+def traceparent(url: str, repository: Path) -> None:
+    """The caller's W3C trace context as request headers (gRPC metadata), unary and streaming.
+
+    The context comes from FUSIONSERVE_TEST_TRACEPARENT; the tracing tests read the server's spans.
+    """
+    headers = {"traceparent": os.environ["FUSIONSERVE_TEST_TRACEPARENT"], "tracestate": "fusionserve=test"}
+    client = grpcclient.InferenceServerClient(url)
+    images, texts = samples(2, seed=7)
+    client.infer("multimodal", multimodal_inputs(images, texts), headers=headers, request_id="unary")
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
+    for i in range(2):
+        client.async_stream_infer("multimodal", multimodal_inputs(images[i : i + 1], texts[i : i + 1]),
+                                  request_id=f"s{i}")  # fmt: skip
+    for _ in range(2):
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+    client.stop_stream()
     client.close()
 
 
