@@ -76,7 +76,7 @@ class ImageEncoder:
         self.cached = CachedEncoder(step.model, step.version, preprocessing, cache, metrics)
         self.decoder = DynamicBatcher(f"{step.model} decoding", decoder(preprocessing, limits), executor,
                                       max_batch_size=max_batch_size, max_queue_delay_s=0.0,
-                                      max_queue_size=max_queue_size)  # fmt: skip
+                                      max_queue_size=max_queue_size, version=step.version)  # fmt: skip
         """Small images of concurrent calls, decoded together (no model: no statistics of its own)."""
 
     async def start(self) -> None:

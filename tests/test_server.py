@@ -520,9 +520,9 @@ def _runs_of_one_stream(heavy_repository, samples, inflight: int) -> tuple[float
         stub = pb_grpc.FusionServiceStub(srv.channel())
         replies = list(stub.ClassifyStream(iter([request([samples[n]], request_id=str(n)) for n in range(24)]),
                                            timeout=30))  # fmt: skip
-        runs = _gauge(srv, "fusionserve_batch_size_count", model="image_encoder")
-        up_to_two = _gauge(srv, "fusionserve_batch_size_bucket", model="image_encoder", le="2.0")
-        rows = _gauge(srv, "fusionserve_batch_size_sum", model="image_encoder")
+        runs = _gauge(srv, "fusionserve_batch_size_count", model="image_encoder", version="1")
+        up_to_two = _gauge(srv, "fusionserve_batch_size_bucket", model="image_encoder", version="1", le="2.0")
+        rows = _gauge(srv, "fusionserve_batch_size_sum", model="image_encoder", version="1")
     assert sorted(int(r.request_id) for r in replies) == list(range(24)) and not any(r.error.code for r in replies)
     assert rows == 24 + 1  # the stream's 24 items and the warm-up's one: no item ran twice
     return runs, runs - up_to_two

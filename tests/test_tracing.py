@@ -89,6 +89,7 @@ def test_a_calls_spans_form_one_tree_under_the_callers_span(traced, receiver, sa
     assert len(spans) == len(children) + 1, sorted(s.name for s in spans)
     assert sorted(children) == sorted([
         "admission", "cache image_encoder", "decode", "tokenise", "cache text_encoder",
+        "queue image_encoder decoding", "batch image_encoder decoding",  # small images decode in batches
         "queue image_encoder", "batch image_encoder", "queue text_encoder", "batch text_encoder",
         "queue fusion", "batch fusion",
     ]), sorted(children)  # fmt: skip
