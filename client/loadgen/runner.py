@@ -22,6 +22,9 @@ from fusionserve.client.loadgen.requests import (
 )
 from fusionserve.client.loadgen.settings import LoadSettings
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long the load generator waits for its connections before the load starts (at least)."""
+
 
 async def run_load(
     s: LoadSettings, inputs: Sequence[tuple[bytes, str]] | None = None, *, payloads: Sequence[bytes] | None = None
@@ -52,11 +55,13 @@ async def run_load(
     else:
         caller = StreamCaller(channels, CLASSIFY_STREAM if s.api == "typed" else MODEL_STREAM_INFER, payloads, s, md)
     try:
+        # Connecting is not a call: a 100 ms call deadline must not become a 100 ms connect timeout.
+        connect_s = max(s.timeout_s, CONNECT_TIMEOUT_S)
         for ch in channels:
             try:
-                await asyncio.wait_for(ch.channel_ready(), s.timeout_s)
+                await asyncio.wait_for(ch.channel_ready(), connect_s)
             except asyncio.TimeoutError:
-                raise ConnectionError(f"cannot connect to {', '.join(s.target)} within {s.timeout_s:g}s") from None
+                raise ConnectionError(f"cannot connect to {', '.join(s.target)} within {connect_s:g}s") from None
         rec = Recorder()
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = clock()
