@@ -24,8 +24,8 @@
 
 ``--image-side 600`` makes decoding (in threads, off the event loop) the limit instead of the loop.
 Writes
-``bench/results/overload[-smoke].json`` and a plot beside it (docs/img/overload*.png are copies of
-full runs'). The server and the load generator share the machine's cores: at high multiples the
+``bench/results/overload[-smoke].json`` and a plot beside it (docs/img/overload.png is a copy of a
+full run's). The server and the load generator share the machine's cores: at high multiples the
 load generator takes CPU the server needs, and past what it can send, its send lag says so
 (docs/RELIABILITY.md#overload-control).
 """
