@@ -199,15 +199,17 @@ class DynamicBatcher:
             wait_s = min(self.max_queue_delay_s, self._avg_compute_s or 0.0)
             if self._busy and rows < self.max_batch_size and wait_s > 0:
                 until = loop.time() + wait_s
-                while rows < self.max_batch_size and (remaining := until - loop.time()) > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
-                    rows = self._take(batch, rows)
-                    if self._queue:  # the next item does not fit: run what we have
-                        break
+                # A timer that sets the wakeup event, not wait_for: that would make a task per wait.
+                timer = loop.call_at(until, self._wakeup.set)
+                try:
+                    while rows < self.max_batch_size and loop.time() < until:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        rows = self._take(batch, rows)
+                        if self._queue:  # the next item does not fit: run what we have
+                            break
+                finally:
+                    timer.cancel()
             self._busy = bool(self._queue) or len(batch) > 1
             await self._run_batch(batch, loop)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +23,25 @@ from fusionserve.server.encoders import ImageEncoder, TextEncoder
 from fusionserve.server.limits import Limits
 from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.server.room import Room
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Await two coroutines concurrently, as ``asyncio.gather`` does with one task fewer (a call's hot path).
+
+    ``first`` runs as a task while ``second`` runs in the caller; if ``second`` fails, ``first`` is
+    cancelled and awaited, so nothing is left running or unretrieved.
+    """
+    task = asyncio.ensure_future(first)
+    try:
+        b = await second
+    except BaseException:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return await task, b
 
 
 def no_classes_error() -> InvalidInputError:
@@ -169,7 +189,7 @@ class MultimodalPipeline:
         errors: dict[int, Exception] = dict(self._check_texts(texts))
         good_texts = [i for i in range(n) if i not in errors]
         lone = self.room.held == n
-        (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
+        (image_rows, image_errors), (text_rows, _) = await both(
             self.image_encoder.features(images, deadline=deadline, lone=lone),
             self.text_encoder.features([texts[i] for i in good_texts], deadline=deadline, lone=lone),
         )
