@@ -4,7 +4,8 @@ Grafana cannot be installed here, so this draws the same panels: a real Promethe
 ``prometheus``) scrapes ``fusionserve serve --workers 2`` every second, with the alerting rules
 loaded, while the load changes through phases (light, heavy with a V2 stream beside, a rollout of
 version 2 exported while serving, an overload of 16-item calls on items the embedding cache has not
-seen, light again) and a trickle of bad requests runs beside. Then every panel query of
+seen, which the overload control's queue-delay rule, at 50 ms, refuses in part, light again) and a
+trickle of bad requests runs beside. Then every panel query of
 ``deploy/monitoring/fusionserve-dashboard.json`` is asked over the whole run (``query_range``) and
 drawn where the dashboard puts it. The picture in docs/OBSERVABILITY.md is this script's output.
 
@@ -162,7 +163,8 @@ def main() -> None:
     trained = None if args.smoke else trained_models()
     items, fresh = samples(256), samples(256 if args.smoke else 2048, seed=7)
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    env = {"FUSIONSERVE_EMBEDDING_CACHE_MB": str(CACHE_MB)}
+    # The overload control's queue-delay rule (opt-in) at 50 ms, so the overload phase shows refusals.
+    env = {"FUSIONSERVE_EMBEDDING_CACHE_MB": str(CACHE_MB), "FUSIONSERVE_QUEUE_DELAY_TARGET_MS": "50"}
     with ServerProcess(repo, "--workers", "2", "--repository-poll-secs", "1", metrics_port=0, env=env) as server:
         assert server.metrics_url is not None
         target = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
