@@ -134,6 +134,32 @@ def every_length(vocab: Vocabulary, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(words, n)) for n in rng.permutation(np.repeat(np.arange(1, vocab.max_length + 1), 2))]
 
 
+@pytest.mark.slow
+def test_the_trained_text_encoder_takes_cut_batches_and_equals_keras_on_captions_of_every_length(
+    trained_repository, trained_dir
+):
+    import keras
+
+    from fusionserve.repository import load_config
+
+    config = load_config(trained_repository, "text_encoder", 1)
+    assert config.preprocessing["sequence_length"] == "dynamic" and config.input("tokens").shape == (-1, -1)
+    vocab = Vocabulary.load(trained_repository / "text_encoder" / "1" / "vocab.json")
+    texts = every_length(vocab)
+    tokens = vocab.encode(texts)
+    assert sorted(set((tokens != 0).sum(1))) == list(range(1, vocab.max_length + 1))
+    want = np.asarray(keras.models.load_model(trained_dir / "text_encoder.keras", compile=False)(tokens))
+    session = ort.InferenceSession(str(trained_repository / "text_encoder" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    full = session.run(None, {"tokens": tokens})[0]
+    for size in (1, 5, 32):  # each batch mixes lengths, cut to its longest
+        cut = np.concatenate([session.run(None, {"tokens": vocab.cut(tokens[k : k + size])})[0]
+                              for k in range(0, len(tokens), size)])  # fmt: skip
+        np.testing.assert_allclose(cut, full, atol=1e-6)  # cutting changes nothing
+        scale = max(1.0, float(np.abs(want).max()))
+        assert np.abs(cut - want).max() <= variable_length.TOLERANCE * scale
+
+
 def _text_model(mask: bool):
     import keras
     from keras import layers
