@@ -43,7 +43,7 @@ from _common import (
 )
 
 from fusionserve.preprocess import Vocabulary, decode_image, preprocess_image
-from fusionserve.repository import load_config, version_dir
+from fusionserve.repository import load_config, variable_length, version_dir
 
 
 class RawPipeline:
@@ -58,6 +58,8 @@ class RawPipeline:
             # One intra-op thread, no spinning: the server's defaults; see docs/BENCHMARKS.md.
             self.sessions[step] = OrtModel(path, device=device, threads=1, io_binding=io_binding)
         self.vocab = Vocabulary.load(version_dir(repo, "multimodal", pipeline.version) / "vocab.json")
+        # A text encoder that takes each batch cut to its longest caption is fed so, as the server feeds it.
+        self.cut_text = variable_length(load_config(repo, "text_encoder", pipeline.steps["text_encoder"])) is not None
         image_input = self.sessions["image_encoder"].session.get_inputs()[0].shape
         self.size = (int(image_input[1]), int(image_input[2]))
 
@@ -65,6 +67,7 @@ class RawPipeline:
         """Encoded (image, text) items → probabilities, as the server computes them."""
         images = np.stack([preprocess_image(decode_image(img), *self.size) for img, _ in items])
         tokens = self.vocab.encode([t for _, t in items])
+        tokens = self.vocab.cut(tokens) if self.cut_text else tokens
         fi = self.sessions["image_encoder"].run({"image": images})[0]
         ft = self.sessions["text_encoder"].run({"tokens": tokens})[0]
         return self.sessions["fusion"].run({"image_features": fi, "text_features": ft})[0]

@@ -81,6 +81,7 @@ labels = np.array([label.encode() for label in plan.labels], dtype=object)
 def infer(IMAGE, TEXT):
     images = np.stack([plan.image_preprocessing.apply(decode_image(bytes(b))) for b in IMAGE[:, 0]])
     tokens = plan.vocabulary.encode([bytes(t).decode("utf-8") for t in TEXT[:, 0]])
+    tokens = plan.vocabulary.cut(tokens) if plan.cut_text else tokens  # as fusionserve feeds such a text encoder
     fi = sessions[plan.image.model].run([plan.image.output], {plan.image.inputs[0]: images})[0]
     ft = sessions[plan.text.model].run([plan.text.output], {plan.text.inputs[0]: tokens})[0]
     feeds = {plan.fusion.inputs[0]: fi, plan.fusion.inputs[1]: ft}

@@ -7,7 +7,9 @@
    streams (one channel, ``--stream-window`` requests in flight per stream, 8 items per request),
    sent by the project's load generator (``fusionserve.client.loadgen``).
 3. ``text``: texts of 1, 5, 20, 50, 100 and 200 words, 32 per batch, through the tokeniser and the
-   text encoder. Tokens are padded/truncated to 100, so the model's cost is flat; the tokeniser's grows.
+   text encoder. Tokens are padded/truncated to 100; a text encoder that takes each batch cut to its
+   longest caption is fed the rows cut, as the server feeds it, so its cost grows with the words up
+   to 100; a full-length one's is flat. The tokeniser's grows.
 
     python bench/scaling.py [--repository REPO] [--vgg16-repository REPO] [--duration 3] [--smoke]
                             [--device cpu|cuda] [--io-binding true|false] [--parts batch,streams,text]
@@ -42,6 +44,7 @@ from _common import (
 )
 
 from fusionserve.preprocess import Vocabulary
+from fusionserve.repository import load_config, variable_length
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 STREAMS = (1, 2, 4, 8)
@@ -77,11 +80,13 @@ def bench_text(repo: Path, device: str, threads: int, io_binding: bool, duration
     text_path = onnx_path(repo, "text_encoder")
     vocab = Vocabulary.load(text_path.parent / "vocab.json")
     encoder = OrtModel(text_path, device=device, threads=threads, io_binding=io_binding)
+    cut = variable_length(load_config(repo, "text_encoder", int(text_path.parent.name))) is not None
     words = sorted(vocab.word_index, key=vocab.word_index.get)  # known words: no out-of-vocabulary shortcut
     out: dict[str, Any] = {}
     for n in WORDS:
         texts = [" ".join(words[(i + k) % len(words)] for k in range(n)) for i in range(TEXT_BATCH)]
         tokens = vocab.encode(texts)
+        tokens = vocab.cut(tokens) if cut else tokens
         encoder.run({"tokens": tokens})
         tok = statistics.median(time_calls(lambda texts=texts: vocab.encode(texts), duration_s))
         model = statistics.median(time_calls(lambda tokens=tokens: encoder.run({"tokens": tokens}), duration_s))
@@ -179,7 +184,8 @@ def main() -> None:
         repo = repos.get("small") or next(iter(repos.values()))
         text = results["text"] = bench_text(repo, args.device, args.threads, io_binding, duration)
         first = text[str(WORDS[0])]
-        print(f"\ntext length, {TEXT_BATCH} texts per batch (tokens always [N, 100]); × = relative to 1 word")
+        print(f"\ntext length, {TEXT_BATCH} texts per batch (tokens [N, 100], or cut to the longest text); "
+              "× = relative to 1 word")
         print(f"{'words':>6}{'chars':>7}{'tokenise µs':>13}{'×':>7}{'model µs':>10}{'×':>7}{'tokeniser share':>17}")
         for n in WORDS:
             v = text[str(n)]

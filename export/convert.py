@@ -13,6 +13,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from fusionserve import data as gen
 from fusionserve.errors import ExportError
-from fusionserve.export import DEFAULT_OPSET, text_vectorization
+from fusionserve.export import DEFAULT_OPSET, text_vectorization, variable_length
 from fusionserve.export.gate import gate
 from fusionserve.export.staging import (
     CLASSES,
@@ -316,7 +317,11 @@ def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing
     exported, written = [], []
     for name, model, inputs, in_specs, out_specs, step_preprocessing in plans:
         started = time.perf_counter()
-        proto = to_onnx(model, name, [t.name for t in in_specs], [t.name for t in out_specs], opset)
+        length_parity: dict[str, Any] = {}
+        if name == "text_encoder":
+            proto, in_specs, step_preprocessing, length_parity = _text_encoder(model, vocab, in_specs, out_specs, opset)
+        else:
+            proto = to_onnx(model, name, [t.name for t in in_specs], [t.name for t in out_specs], opset)
         ops = gate(proto, name, layer_names(model))
         onnx_bytes = proto.SerializeToString()
         diff = parity(model, onnx_bytes, inputs, name)
@@ -326,7 +331,7 @@ def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing
             max_batch_size=max_batch_size, opset=opset, preprocessing=step_preprocessing,
             labels=tuple(labels) if name == "fusion" else (), versions=versions,
             parity={"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "samples": samples,
-                    "inputs": "held-out generated samples, preprocessed as the server does"},
+                    "inputs": "held-out generated samples, preprocessed as the server does", **length_parity},
             extra={"created": created, "source": source, "export_seconds": round(seconds, 2), "ops": list(ops)},
         ), onnx_bytes, vocab if name == "text_encoder" else None)  # fmt: skip
         written.append(config)
@@ -337,6 +342,30 @@ def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing
                                           max_batch_size=max_batch_size, versions=versions,
                                           extra={"created": created, "source": source})  # fmt: skip
     return ExportResult(stage.repository, tuple(exported), pipeline_version)
+
+
+def _text_encoder(model, vocab: Vocabulary, in_specs: list[TensorSpec], out_specs: list[TensorSpec],
+                  opset: int) -> tuple[Any, list[TensorSpec], dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The text encoder's graph, input specs, preprocessing entry and length check (for its parity record).
+
+    Cut to each batch's longest caption when the model's answers do not depend on the padding and the
+    graph can skip it (export/variable_length.py), else at full length, as every export before.
+    """
+    tokens, features = in_specs[0], out_specs[0]
+    decision = variable_length.decide(model, vocab, token_range(model, vocab), tokens.name, features.name, opset,
+                                      to_onnx)  # fmt: skip
+    logger.info("text_encoder: %s: %s", "cut to each batch's longest caption" if decision.dynamic else "full length",
+                decision.reason)  # fmt: skip
+    if decision.proto is not None:
+        proto, in_specs = decision.proto, [replace(tokens, shape=(-1, -1))]
+    else:
+        proto = to_onnx(model, "text_encoder", [tokens.name], [features.name], opset)
+        try:
+            gate(proto, "text_encoder", layer_names(model))
+        except ExportError as e:
+            raise ExportError(f"{e} (nor can it be exported to skip its padding: {decision.reason})") from e
+    preprocessing = text_step_preprocessing(vocab, dynamic=decision.dynamic)
+    return proto, in_specs, preprocessing, {"sequence_length": decision.parity()}
 
 
 def export_from_dir(trained: Path, repository: Path, *, opset: int = DEFAULT_OPSET) -> ExportResult:

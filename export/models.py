@@ -9,6 +9,7 @@ IMAGE_FEATURES = 64
 TEXT_FEATURES = 64
 VOCAB_SIZE = 10_000
 MAX_TOKENS = 100
+PADDING = "post"  # the words first: the masked LSTM's last state is then ONNX's Y_h with sequence_lens
 BACKBONES = {"small": 64, "vgg16": 224}
 
 
@@ -39,14 +40,15 @@ def image_encoder(backbone: str = "small") -> keras.Model:
 
 
 def text_encoder() -> keras.Model:
-    """``tokens`` int32 [N, 100] → ``text_features`` float32 [N, 64].
+    """``tokens`` int32 [N, 100], padded at the back (:data:`PADDING`) → ``text_features`` float32 [N, 64].
 
-    Embedding(10000, 128) → LSTM(64) → Dense(64). No ``mask_zero``: padding is at the front,
-    so the last state follows the words; ``use_cudnn=False`` keeps the graph tf2onnx can turn
-    into one ONNX ``LSTM`` op, also when exported on a GPU machine.
+    Embedding(10000, 128, mask_zero=True) → LSTM(64) → Dense(64). The mask makes the answer the
+    same however much padding follows the words, so the export cuts each batch to its longest caption
+    (export/variable_length.py); ``use_cudnn=False`` keeps the graph tf2onnx can turn into one ONNX
+    ``LSTM`` op, also when exported on a GPU machine.
     """
     inputs = keras.Input((MAX_TOKENS,), dtype="int32", name="tokens")
-    x = layers.Embedding(VOCAB_SIZE, 128)(inputs)
+    x = layers.Embedding(VOCAB_SIZE, 128, mask_zero=True)(inputs)
     x = layers.LSTM(64, use_cudnn=False)(x)
     outputs = layers.Dense(TEXT_FEATURES, name="text_features")(x)
     return keras.Model(inputs, outputs, name="text_encoder")

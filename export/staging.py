@@ -31,6 +31,7 @@ from fusionserve.repository import (
     PIPELINE_NAME,
     PLATFORM_ONNX,
     PLATFORM_PIPELINE,
+    SEQUENCE_LENGTH_DYNAMIC,
     ModelConfig,
     TensorSpec,
     list_versions,
@@ -138,10 +139,16 @@ def image_step_preprocessing(preprocessing: ImagePreprocessing) -> dict[str, Any
     return {"type": "image", "decoder": "cv2.imdecode(IMREAD_COLOR)", **preprocessing.to_json()}
 
 
-def text_step_preprocessing(vocabulary: Vocabulary) -> dict[str, Any]:
-    """A text encoder's ``preprocessing`` entry (the vocabulary file holds the rest)."""
+def text_step_preprocessing(vocabulary: Vocabulary, *, dynamic: bool = False) -> dict[str, Any]:
+    """A text encoder's ``preprocessing`` entry (the vocabulary file holds the rest).
+
+    ``dynamic``: the text encoder takes each batch cut to its longest caption (``sequence_length``
+    ``"dynamic"``, see :class:`~fusionserve.repository.VariableLength`), else rows of ``max_length``.
+    """
     return {"type": "text", "max_length": vocabulary.max_length, "padding": vocabulary.padding,
-            "truncating": vocabulary.truncating, "vocabulary_file": VOCABULARY_FILE}  # fmt: skip
+            "truncating": vocabulary.truncating, "pad_value": vocabulary.pad_value,
+            "sequence_length": SEQUENCE_LENGTH_DYNAMIC if dynamic else vocabulary.max_length,
+            "vocabulary_file": VOCABULARY_FILE}  # fmt: skip
 
 
 class Staging:
@@ -209,7 +216,7 @@ class Staging:
             },  # fmt: skip
             preprocessing={
                 "image": image_step_preprocessing(preprocessing),
-                "text": text_step_preprocessing(vocabulary),
+                "text": dict(text.preprocessing),  # the text encoder's, how long its rows are included
                 "description": "IMAGE (encoded PNG/JPEG/BMP/WebP bytes) → image_encoder; TEXT (UTF-8) → tokens → "
                 + ("text_encoder; both features → fusion → PROBABILITIES, LABEL = labels[argmax]" if labels else
                    "text_encoder; both features → fusion → FEATURES"),

@@ -101,7 +101,9 @@ def train(
 
     size = models.BACKBONES[backbone]
     train_set, val_set, test_set = gen.splits(samples, seed, size)
-    vocab = Vocabulary.fit(train_set.captions, models.VOCAB_SIZE, models.MAX_TOKENS)
+    vocab = Vocabulary.fit(train_set.captions, models.VOCAB_SIZE, models.MAX_TOKENS).with_padding(
+        padding=models.PADDING, truncating=models.PADDING
+    )
 
     def model_inputs(ds: gen.Dataset) -> tuple[np.ndarray, np.ndarray]:
         return ds.images.astype(np.float32) / np.float32(255.0), vocab.encode(ds.captions)

@@ -170,6 +170,19 @@ class Vocabulary:
         """Texts → int32 tokens ``[N, max_length]``."""
         return self.pad([self.ids(t) for t in texts])
 
+    def cut(self, tokens: np.ndarray) -> np.ndarray:
+        """Rows padded at the back, cut after the last column that holds a token in any row (at least one column).
+
+        What a text encoder that takes each batch at its longest caption is fed (see export/variable_length.py).
+
+        Raises:
+            ValueError: this vocabulary pads at the front, where cutting would drop words.
+        """
+        if self.padding != "post":
+            raise ValueError(f"only rows padded at the back can be cut, this vocabulary pads {self.padding!r}")
+        used = np.flatnonzero((tokens != self.pad_value).any(axis=0))
+        return np.ascontiguousarray(tokens[:, : int(used[-1]) + 1 if used.size else 1])
+
     def with_padding(self, **settings: Any) -> Vocabulary:
         """The same words with other padding settings (``max_length``, ``padding``, ``truncating``, ``pad_value``)."""
         return replace(self, **settings)

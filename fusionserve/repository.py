@@ -30,6 +30,9 @@ PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_PIPELINE = "pipeline"
 PIPELINE_NAME = "multimodal"
 DEFAULT_MAX_BATCH_SIZE = 64  # a config that names none
+# A text encoder's preprocessing.sequence_length when each batch is cut to its longest caption (see VariableLength);
+# otherwise it is the fixed length, or absent (older exports: the token input's fixed length).
+SEQUENCE_LENGTH_DYNAMIC = "dynamic"
 # What a pipeline's fusion model outputs (its config's roles.fusion.outputs): class probabilities, the
 # default, or fused features (no labels: the pipeline embeds).
 FUSION_CLASSES, FUSION_FEATURES = "probabilities", "features"
@@ -239,6 +242,56 @@ class ModelConfig:
         )
 
 
+@dataclass(frozen=True)
+class VariableLength:
+    """A text encoder that takes each batch of token rows cut to its longest caption (the server pads and cuts).
+
+    Its config says ``"sequence_length": "dynamic"`` in ``preprocessing``, beside ``max_length``,
+    ``padding`` (``post``: the words first) and ``pad_value``; its one token input is ``[-1, -1]``.
+    """
+
+    input: str  # the token input
+    max_length: int  # the most tokens a row may hold
+    pad_value: int  # what follows a caption's last token
+
+
+def variable_length(config: ModelConfig, where: str = "") -> VariableLength | None:
+    """How ``config``'s model takes token rows of any length, or None when it takes them at full length.
+
+    A config without ``preprocessing.sequence_length`` (any export before it) is full length.
+
+    Raises:
+        RepositoryError: the config contradicts itself (a fixed length its input does not have, a
+            dynamic length with another input shape, padding at the front, ...).
+    """
+    pre = config.preprocessing
+    length = pre.get("sequence_length")
+    where = where or f"model {config.name!r}"
+    if length is None:
+        return None
+    tokens = [t for t in config.inputs if t.datatype in INTEGER_DATATYPES and len(t.shape) == 2]
+    if length != SEQUENCE_LENGTH_DYNAMIC:
+        if isinstance(length, bool) or not isinstance(length, int) or len(tokens) != 1 or tokens[0].shape[1] != length:
+            raise RepositoryError(f"{where}: preprocessing.sequence_length is {length!r}: it must be "
+                                  f"{SEQUENCE_LENGTH_DYNAMIC!r} or the token input's length "
+                                  f"{[list(t.shape) for t in tokens]}")  # fmt: skip
+        return None
+    max_length, pad_value = pre.get("max_length"), pre.get("pad_value")
+    problems = []
+    if len(config.inputs) != 1 or len(tokens) != 1 or tokens[0].shape != (-1, -1):
+        problems.append(f"one integer input [-1, -1] (has {[(t.name, list(t.shape)) for t in config.inputs]})")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        problems.append(f"a max_length of at least 1 (has {max_length!r})")
+    if pre.get("padding") != "post":
+        problems.append(f"padding 'post', the words first (has {pre.get('padding')!r})")
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int):
+        problems.append(f"an integer pad_value (has {pad_value!r})")
+    if problems:
+        raise RepositoryError(f"{where}: a {SEQUENCE_LENGTH_DYNAMIC} sequence_length needs " + "; ".join(problems))
+    assert isinstance(max_length, int) and isinstance(pad_value, int)
+    return VariableLength(tokens[0].name, max_length, pad_value)
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -297,6 +350,7 @@ def load_config(repository: Path, name: str, version: int, *, verify_hash: bool 
             raise RepositoryError(f"{model_path}: sha256 does not match config (file corrupted or replaced)")
     if config.platform == PLATFORM_ONNX and config.vocabulary_file:
         config = _with_vocabulary_range(config, vdir / config.vocabulary_file)
+    variable_length(config, str(path))  # refuses a config that contradicts itself
     return config
 
 

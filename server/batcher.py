@@ -8,6 +8,10 @@ for a batch that will never fill, while a crowd is still batched. The queue is b
 :class:`~fusionserve.server.room.Room`): a caller that finds it full waits for room, at most until its
 deadline. Expired and cancelled work is dropped before compute.
 
+Calls are merged on axis 0; an input named in ``ragged`` (token rows cut to each call's longest
+caption, say) may also differ in length on axis 1 from call to call: the merged batch pads each
+call's rows at the back to the longest (see :class:`Ragged`).
+
 When a merged batch fails, its requests are run again one by one instead of all receiving the
 error: a failure caused by one caller's values (onnxruntime refusing an out-of-range index, say)
 then reaches only that caller, and a failure of the model itself still reaches everyone.
@@ -47,6 +51,30 @@ class _Work:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(frozen=True)
+class Ragged:
+    """An input whose rows' length (axis 1) differs from call to call, 1 to ``max_length``.
+
+    Merging calls pads each one's rows at the back with ``pad_value`` up to the batch's longest.
+    """
+
+    pad_value: int | float
+    max_length: int
+
+
+def _merge(parts: list[np.ndarray], ragged: Ragged | None) -> np.ndarray:
+    """Calls' rows of one input, concatenated on axis 0 (a ragged input's padded to the longest first)."""
+    width = max(p.shape[1] for p in parts) if ragged is not None else 0
+    if ragged is None or all(p.shape[1] == width for p in parts):
+        return np.concatenate(parts, axis=0)
+    merged = np.full((sum(len(p) for p in parts), width, *parts[0].shape[2:]), ragged.pad_value, parts[0].dtype)
+    row = 0
+    for part in parts:
+        merged[row : row + len(part), : part.shape[1]] = part
+        row += len(part)
+    return merged
+
+
 @dataclass
 class BatchStats:
     """Observer hooks the metrics layer plugs into (all optional)."""
@@ -72,6 +100,7 @@ class DynamicBatcher:
         inline_idle_below_s: float = 500e-6,
         version: int = 0,
         provider: str = "",
+        ragged: Mapping[str, Ragged] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -96,6 +125,8 @@ class DynamicBatcher:
         self.inline_below_s = inline_below_s
         self.inline_idle_below_s = inline_idle_below_s
         self._avg_compute_s: float | None = None
+        self.ragged = dict(ragged or {})
+        """Inputs whose rows' length differs from call to call, by name."""
 
     @property
     def max_queue_size(self) -> int:
@@ -138,7 +169,8 @@ class DynamicBatcher:
         event loop itself, saving a thread hop (nobody else needs the loop meanwhile).
 
         Raises:
-            InvalidInputError: more rows than ``max_batch_size``.
+            InvalidInputError: more rows than ``max_batch_size``; a ragged input's rows not 1 to
+                ``max_length`` long.
             DeadlineExceededError: the deadline passed before the rows were run (waiting for room in
                 the queue included).
             ModelNotReadyError: the batcher is closed.
@@ -155,6 +187,11 @@ class DynamicBatcher:
             raise InvalidInputError(
                 f"model {self.name!r}: batch of {size} is over the maximum of {self.max_batch_size}"
             )
+        for name, ragged in self.ragged.items():
+            value = inputs.get(name)
+            if value is not None and (value.ndim < 2 or not 1 <= value.shape[1] <= ragged.max_length):
+                raise InvalidInputError(f"model {self.name!r}: input {name!r} takes rows of 1 to {ragged.max_length} "
+                                        f"values, [N, 1…{ragged.max_length}], got {list(value.shape)}")  # fmt: skip
         room = self._room.fit(size)
         if not self._room.try_enter(room):
             await self._room.enter(room, deadline)
@@ -243,7 +280,7 @@ class DynamicBatcher:
         if len(live) == 1:
             merged = dict(live[0].inputs)
         else:
-            merged = {n: np.concatenate([w.inputs[n] for w in live], axis=0) for n in names}
+            merged = {n: _merge([w.inputs[n] for w in live], self.ragged.get(n)) for n in names}
         rows = sum(w.size for w in live)
         self._running = True
         # Inline when the run is cheaper than a thread hop, or when a lone caller is waiting on a

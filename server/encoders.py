@@ -125,17 +125,23 @@ class ImageEncoder:
 
 
 class TextEncoder:
-    """Texts → text features, through the tokeniser, the cache and the text encoder's batcher."""
+    """Texts → text features, through the tokeniser, the cache and the text encoder's batcher.
+
+    With ``cut``, the text encoder takes each batch cut to its longest caption: a call's token rows are
+    cut to its own longest (the cache still keys each caption on its full-length row, whoever its
+    neighbours), and the batcher pads calls' rows to the longest of those it merges.
+    """
 
     def __init__(self, step: Step, batcher: DynamicBatcher, vocabulary: Vocabulary, cache: EmbeddingCache | None,
-                 metrics: Metrics, dtype: np.dtype = TOKEN_DTYPE) -> None:  # fmt: skip
+                 metrics: Metrics, dtype: np.dtype = TOKEN_DTYPE, *, cut: bool = False) -> None:  # fmt: skip
         self.step, self.batcher, self.vocabulary = step, batcher, vocabulary
         self.dtype = dtype  # the text encoder's id type (int64 for most PyTorch exports)
+        self.cut = cut  # the text encoder takes rows cut to their longest caption (its batcher pads across calls)
         settings = (vocabulary.max_length, vocabulary.padding, vocabulary.truncating)
         self.cached = CachedEncoder(step.model, step.version, settings, cache, metrics)
 
     async def features(self, texts: Sequence[str], *, deadline: float | None, lone: bool = False) -> Features:
-        """Per index, the text's features (keyed in the cache by its token ids)."""
+        """Per index, the text's features (keyed in the cache by its token ids at full length)."""
         started = time.perf_counter()
         tokens = self.vocabulary.encode(texts).astype(self.dtype, copy=False)
         if (call := current_call()) is not None:
@@ -143,7 +149,8 @@ class TextEncoder:
             call.step("tokenise", started, **{"fusionserve.texts": len(texts)})
 
         async def compute(indices: list[int]) -> Features:
-            out = await self.batcher.submit({self.step.inputs[0]: tokens[indices]}, deadline=deadline, lone=lone)
+            ids = self.vocabulary.cut(tokens[indices]) if self.cut else tokens[indices]
+            out = await self.batcher.submit({self.step.inputs[0]: ids}, deadline=deadline, lone=lone)
             rows = out[self.step.output]
             return {i: rows[k] for k, i in enumerate(indices)}, {}
 

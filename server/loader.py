@@ -20,8 +20,8 @@ import numpy as np
 
 from fusionserve.errors import DeviceUnavailableError, RepositoryError
 from fusionserve.preprocess import encode_png
-from fusionserve.repository import DATATYPES, ModelConfig, load_config, version_dir
-from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.repository import DATATYPES, ModelConfig, load_config, variable_length, version_dir
+from fusionserve.server.batcher import DynamicBatcher, Ragged
 from fusionserve.server.embedding_cache import EmbeddingCache
 from fusionserve.server.encoders import ImageEncoder, TextEncoder
 from fusionserve.server.limits import Limits
@@ -86,6 +86,7 @@ async def load_onnx(
             max_queue_size=s.max_queue_size,
             version=config.version,
             provider=model.providers[0] if model.providers else "",
+            ragged=_ragged(config),
         )
         await batcher.start()
         entry.batcher = batcher
@@ -131,7 +132,8 @@ async def load_pipeline(
         entry.pipeline = MultimodalPipeline(
             plan=plan,
             images=images,
-            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics, DATATYPES[plan.token_datatype]),
+            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics, DATATYPES[plan.token_datatype],
+                              cut=plan.cut_text),
             fusion=fusion.batcher,
             limits=limits,
             max_batch_size=max_batch_size,
@@ -157,6 +159,12 @@ async def close(entry: ModelEntry) -> None:
     if entry.pipeline is not None:
         await entry.pipeline.image_encoder.aclose()
     entry.batcher = entry.model = entry.pipeline = None
+
+
+def _ragged(config: ModelConfig) -> dict[str, Ragged]:
+    """A text encoder that takes rows cut to their longest caption: its token input, padded across calls."""
+    length = variable_length(config)
+    return {length.input: Ragged(length.pad_value, length.max_length)} if length else {}
 
 
 def _warmup_inputs(config: ModelConfig, rows: int) -> dict[str, np.ndarray]:

@@ -18,7 +18,8 @@ own outputs are ``{"features": "FEATURES"}``). What a config leaves out is taken
 role's model is the step of the role's name; a tensor is the step's only input or output; the fusion
 model's first input is the image's; the pipeline's own tensors in the order image, text, then
 probabilities and label); what it says must agree with them: image size with the image encoder's
-input, token length and padding with the vocabulary and the text encoder's input, feature widths
+input, token length and padding with the vocabulary and the text encoder's input (or, for one that takes
+each batch cut to its longest caption, its ``sequence_length: "dynamic"`` settings), feature widths
 between encoders and fusion, classes with the labels. A contradiction is a RepositoryError that
 names the file and both sides.
 """
@@ -31,7 +32,15 @@ from pathlib import Path
 
 from fusionserve.errors import RepositoryError
 from fusionserve.preprocess import ImagePreprocessing, Vocabulary
-from fusionserve.repository import FUSION_CLASSES, FUSION_FEATURES, INTEGER_DATATYPES, ModelConfig, TensorSpec
+from fusionserve.repository import (
+    FUSION_CLASSES,
+    FUSION_FEATURES,
+    INTEGER_DATATYPES,
+    SEQUENCE_LENGTH_DYNAMIC,
+    ModelConfig,
+    TensorSpec,
+    variable_length,
+)
 
 ROLES = ("image_encoder", "text_encoder", "fusion")
 PIPELINE_ROLE = "pipeline"  # the pipeline's own tensors, by name
@@ -61,6 +70,7 @@ class PipelinePlan:
     positive: int | None  # the index of the label Rank scores; None without labels
     tensors: dict[str, str]  # the pipeline's own tensors: image, text, then probabilities and label, or features
     token_datatype: str  # what the text encoder takes its ids as
+    cut_text: bool  # the text encoder takes each batch cut to its longest caption (a VariableLength one)
 
     @property
     def classifies(self) -> bool:
@@ -143,15 +153,21 @@ def resolve(pipeline: ModelConfig, steps: Mapping[str, ModelConfig], version_dir
     if len(tokens.shape) != 2 or tokens.datatype not in INTEGER_DATATYPES:
         raise RepositoryError(f"{where}: the text encoder's input {tokens.name!r} must be integer [-1, L], "
                               f"is {tokens.datatype} {list(tokens.shape)}")  # fmt: skip
+    cut = variable_length(text_cfg, where)
+    length = cut.max_length if cut else tokens.shape[1]
     text_pre = pipeline.preprocessing.get("text", {})
-    for key, ours in (("max_length", tokens.shape[1]), ("padding", vocabulary.padding),
-                      ("truncating", vocabulary.truncating)):  # fmt: skip
+    for key, ours in (("max_length", length), ("padding", vocabulary.padding), ("truncating", vocabulary.truncating),
+                      ("sequence_length", SEQUENCE_LENGTH_DYNAMIC if cut else length)):  # fmt: skip
         if key in text_pre and text_pre[key] != ours:
             raise RepositoryError(f"{where}: preprocessing.text {key} is {text_pre[key]!r}, but the text encoder "
                                   f"and vocabulary say {ours!r}")  # fmt: skip
-    if vocabulary.max_length != tokens.shape[1]:
+    if vocabulary.max_length != length:
         raise RepositoryError(f"{where}: the vocabulary pads to {vocabulary.max_length} tokens, but the text "
-                              f"encoder's input {tokens.name!r} takes {tokens.shape[1]}")  # fmt: skip
+                              f"encoder's input {tokens.name!r} takes {length}")  # fmt: skip
+    if cut and (vocabulary.padding, vocabulary.pad_value) != ("post", cut.pad_value):
+        raise RepositoryError(f"{where}: the text encoder takes rows cut to their longest, padded at the back with "
+                              f"{cut.pad_value}, but the vocabulary pads {vocabulary.padding!r} with "
+                              f"{vocabulary.pad_value}")  # fmt: skip
     if tokens.range is not None and tokens.range[1] < vocabulary.max_words:
         raise RepositoryError(f"{where}: the vocabulary has {vocabulary.max_words} token ids, but the text encoder's "
                               f"input {tokens.name!r} takes [{tokens.range[0]}, {tokens.range[1]})")  # fmt: skip
@@ -184,7 +200,7 @@ def resolve(pipeline: ModelConfig, steps: Mapping[str, ModelConfig], version_dir
                               f"{list(pipeline.labels)}")  # fmt: skip
     tensors = _own_tensors(pipeline, kind, fused[1], where)
     return PipelinePlan(image, text, fusion, preprocessing, vocabulary, pipeline.labels, positive, tensors,
-                        tokens.datatype)  # fmt: skip
+                        tokens.datatype, cut is not None)  # fmt: skip
 
 
 def _own_tensors(pipeline: ModelConfig, kind: str, width: int, where: str) -> dict[str, str]:

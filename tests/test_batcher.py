@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fusionserve.errors import DeadlineExceededError, InvalidInputError, ModelNotReadyError
-from fusionserve.server.batcher import DynamicBatcher
+from fusionserve.server.batcher import DynamicBatcher, Ragged
 from fusionserve.server.settings import ServerSettings
 
 pytestmark = pytest.mark.timeout(60)  # a caller left waiting by a broken batcher fails, not hangs
@@ -105,6 +105,33 @@ async def test_batch_over_maximum_and_empty_batch_are_invalid():
         await b.submit({"x": np.zeros((5, 1))})
     with pytest.raises(InvalidInputError, match="empty batch"):
         await b.submit({"x": np.zeros((0, 1))})
+    await b.aclose()
+
+
+async def test_a_ragged_inputs_calls_are_padded_at_the_back_to_the_longest_they_meet():
+    rec = Recorder(held=True)
+    b = await make(rec, ragged={"x": Ragged(pad_value=-1, max_length=5)})
+    first = await running(rec, b, 0.0)
+    calls = [np.array([[1, 2]]), np.array([[3, 4, 5, 6], [7, 0, 0, 0]]), np.array([[8]])]
+    rest = [asyncio.ensure_future(b.submit({"x": c})) for c in calls]
+    await until(lambda: b.queued_items == 4)
+    rec.release()
+    outs = await asyncio.gather(*rest)
+    await first
+    padded = np.array([[1, 2, -1, -1], [3, 4, 5, 6], [7, 0, 0, 0], [8, -1, -1, -1]])
+    assert np.array_equal(rec.batches[1], padded)  # one run, 4 wide: the longest call's width
+    assert [out["y"].tolist() for out in outs] == [(2 * padded[:1]).tolist(), (2 * padded[1:3]).tolist(),
+                                                   (2 * padded[3:]).tolist()]  # fmt: skip
+    await b.aclose()
+
+
+async def test_a_ragged_input_takes_rows_of_1_to_max_length_values():
+    b = await make(Recorder(), ragged={"x": Ragged(pad_value=0, max_length=3)})
+    for shape in ((2, 4), (2, 0), (2,)):
+        with pytest.raises(InvalidInputError, match=r"input 'x' takes rows of 1 to 3 values"):
+            await b.submit({"x": np.ones(shape)})
+    out = await b.submit({"x": np.ones((2, 3))})
+    assert out["y"].tolist() == [[2.0] * 3] * 2
     await b.aclose()
 
 

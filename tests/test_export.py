@@ -38,7 +38,7 @@ EXPECTED_IO = {
         [TensorSpec("image_features", "FP32", (-1, 64))],
     ),
     "text_encoder": (
-        [TensorSpec("tokens", "INT32", (-1, 100), (0, 10_000))],
+        [TensorSpec("tokens", "INT32", (-1, -1), (0, 10_000))],  # each batch cut to its longest caption
         [TensorSpec("text_features", "FP32", (-1, 64))],
     ),
     "fusion": (
@@ -159,12 +159,16 @@ def test_model_configs(repository: Path, name: str) -> None:
         assert (pre["color_order"], pre["interpolation"]) == ("BGR", "INTER_LINEAR")
     elif name == "text_encoder":
         pre = config.preprocessing
-        assert (pre["type"], pre["max_length"], pre["padding"], pre["truncating"]) == (
+        assert (pre["type"], pre["max_length"], pre["padding"], pre["truncating"], pre["pad_value"]) == (
             "text",
             100,
-            "pre",
-            "pre",
+            "post",
+            "post",
+            0,
         )
+        assert pre["sequence_length"] == "dynamic"
+        length = config.parity["sequence_length"]
+        assert length["dynamic"] is True and length["max_abs_diff"] <= length["tolerance"] and length["rows"] >= 202
         assert config.vocabulary_file == pre["vocabulary_file"] == "vocab.json"
         assert Vocabulary.load(repository / name / "1" / "vocab.json").max_length == 100
     else:
@@ -181,7 +185,7 @@ def test_onnx_io_matches_config(repository: Path) -> None:
             for arg, spec in zip(args, specs, strict=True):
                 assert ONNX_TYPES[arg.type] == spec.datatype
                 assert isinstance(arg.shape[0], str), f"{name}.{arg.name}: batch axis is not dynamic"
-                assert list(arg.shape[1:]) == list(spec.shape[1:])
+                assert [-1 if isinstance(d, str) else d for d in arg.shape[1:]] == list(spec.shape[1:])
 
 
 @slow

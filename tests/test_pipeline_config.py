@@ -124,6 +124,32 @@ def test_a_config_that_contradicts_its_models_is_refused(other_repository, tmp_p
         _plan(repo)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda v: v.update(padding="pre"), "preprocessing.text padding is 'post', but the text encoder and vocabulary "
+                                        "say 'pre'"),
+    (lambda v: v.update(pad_index=3), "padded at the back with 0, but the vocabulary pads 'post' with 3"),
+    (lambda v: v.update(max_length=30), "the vocabulary pads to 30 tokens, but the text encoder's input 'tokens' "
+                                        "takes 24"),
+])  # fmt: skip
+def test_a_vocabulary_that_contradicts_a_text_encoder_cut_to_the_longest_caption_is_refused(tmp_path, edit, message):
+    repo = tiny_repository.build(tmp_path / "repo", max_length=24, variable_length=True)
+    assert _plan(repo).cut_text
+    vocab = repo / "multimodal" / "1" / "vocab.json"
+    data = json.loads(vocab.read_text())
+    edit(data)
+    vocab.write_text(json.dumps(data))
+    with pytest.raises(RepositoryError, match=message):
+        _plan(repo)
+
+
+def test_the_pipeline_says_how_long_its_text_encoders_rows_are_as_the_text_encoder_does(tmp_path):
+    repo = tiny_repository.build(tmp_path / "repo", max_length=24, variable_length=True)
+    _edit(repo, "multimodal", lambda c: c["preprocessing"]["text"].update(sequence_length=24))
+    with pytest.raises(RepositoryError, match="preprocessing.text sequence_length is 24, but the text encoder and "
+                                              "vocabulary say 'dynamic'"):
+        _plan(repo)
+
+
 def test_the_server_marks_such_a_pipeline_failed_and_serves_the_rest(other_repository, tmp_path):
     repo = Path(shutil.copytree(other_repository, tmp_path / "repo"))
     _edit(repo, "multimodal", CONTRADICTIONS["image size"][0])

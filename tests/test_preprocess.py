@@ -203,6 +203,16 @@ def test_post_padding_and_truncation_keep_the_first_words() -> None:
     assert pad_tokens([[5]], 3, padding="post", truncating="pre").tolist() == [[5, 0, 0]]
 
 
+def test_post_padded_rows_are_cut_after_the_last_column_holding_a_token() -> None:
+    vocab = Vocabulary({"a": 2, "b": 3, "c": 4}, max_words=10, max_length=6, padding="post", pad_value=7)
+    tokens = vocab.encode(["a b", "a b c", "a"])
+    assert vocab.cut(tokens).tolist() == [[2, 3, 7], [2, 3, 4], [2, 7, 7]]
+    assert vocab.cut(vocab.encode(["", "?"])).tolist() == [[7], [7]]  # no words: one column of padding
+    assert vocab.cut(tokens[:0]).shape == (0, 1)
+    with pytest.raises(ValueError, match="only rows padded at the back can be cut"):
+        vocab.with_padding(padding="pre").cut(tokens)
+
+
 def test_vocabulary_file_not_json_raises(tmp_path: Path) -> None:
     path = tmp_path / "vocab.json"
     path.write_text("{not json", encoding="utf-8")

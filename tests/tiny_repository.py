@@ -26,6 +26,7 @@ from fusionserve.repository import (
     PIPELINE_NAME,
     PLATFORM_ONNX,
     PLATFORM_PIPELINE,
+    SEQUENCE_LENGTH_DYNAMIC,
     ModelConfig,
     TensorSpec,
     sha256_file,
@@ -81,12 +82,23 @@ def image_encoder(rng: np.random.Generator, height: int, width: int, channels: i
 
 
 def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int,
-                 token_type: int = TensorProto.INT32) -> onnx.ModelProto:  # fmt: skip
-    """``tokens`` int32 (or ``token_type``) [N, L] → embedding → one LSTM → dense → ``text_features`` [N, FEATURES]."""
+                 token_type: int = TensorProto.INT32, *, variable_length: bool = False) -> onnx.ModelProto:  # fmt: skip
+    """``tokens`` int32 (or ``token_type``) [N, L] → embedding → one LSTM → dense → ``text_features`` [N, FEATURES].
+
+    ``variable_length``: tokens [N, T] of any T, padded at the back with 0, which the LSTM skips
+    (``sequence_lens``: each row's count of other ids), as an export that cuts batches to their longest.
+    """
+    lengths = ["lengths"] if variable_length else []
     nodes = [
+        *([helper.make_node("Equal", ["tokens", "pad"], ["is_pad"]),
+           helper.make_node("Not", ["is_pad"], ["is_token"]),
+           helper.make_node("Cast", ["is_token"], ["is_token_int"], to=TensorProto.INT32),
+           helper.make_node("ReduceSum", ["is_token_int", "axis1"], ["lengths"], keepdims=0)]
+          if variable_length else []),
         helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [N, L, HIDDEN]
         helper.make_node("Transpose", ["embedded"], ["time_major"], perm=[1, 0, 2]),
-        helper.make_node("LSTM", ["time_major", "lstm_w", "lstm_r", "lstm_b"], ["", "last"], hidden_size=HIDDEN),
+        helper.make_node("LSTM", ["time_major", "lstm_w", "lstm_r", "lstm_b", *lengths], ["", "last"],
+                         hidden_size=HIDDEN),
         helper.make_node("Squeeze", ["last", "axis0"], ["state"]),  # [N, HIDDEN]
         helper.make_node("MatMul", ["state", "dense_w"], ["dense"]),
         helper.make_node("Add", ["dense", "dense_b"], ["text_features"]),
@@ -100,9 +112,12 @@ def text_encoder(rng: np.random.Generator, vocabulary_size: int, max_length: int
         _init(rng, "dense_w", HIDDEN, FEATURES, gain=GAINS["text"]),
         _init(rng, "dense_b", FEATURES, gain=0.1),
     ]
+    if variable_length:
+        inits += [numpy_helper.from_array(np.array(0, helper.tensor_dtype_to_np_dtype(token_type)), "pad"),
+                  numpy_helper.from_array(np.array([1], np.int64), "axis1")]  # fmt: skip
     return _model(
         nodes,
-        [helper.make_tensor_value_info("tokens", token_type, ["batch", max_length])],
+        [helper.make_tensor_value_info("tokens", token_type, ["batch", "length" if variable_length else max_length])],
         [helper.make_tensor_value_info("text_features", TensorProto.FLOAT, ["batch", FEATURES])],
         inits,
         "text_encoder",
@@ -186,6 +201,7 @@ def build(
     text_first: bool = False,
     token_datatype: str = "INT32",
     pipeline_tensors: Mapping[str, str] | None = None,
+    variable_length: bool = False,
 ) -> Path:
     """Write version 1 of the three models and the ``multimodal`` pipeline over them; return the path.
 
@@ -198,7 +214,9 @@ def build(
     makes the fusion output fused features (no labels); ``text_first`` lists the fusion graph's text
     input first; ``token_datatype`` is the text encoder's id type; ``pipeline_tensors`` renames the
     pipeline's own tensors (``image``, ``text``, ``probabilities``, ``label``, ``features``) and lists
-    them in its config in reverse order, named in ``roles.pipeline``.
+    them in its config in reverse order, named in ``roles.pipeline``; ``variable_length`` makes the text
+    encoder one that takes each batch cut to its longest caption (padding at the back; its config says
+    ``"sequence_length": "dynamic"``).
     """
     repository = Path(repository)
     rng = np.random.default_rng(seed)
@@ -209,16 +227,19 @@ def build(
     token_type = {"INT32": TensorProto.INT32, "INT64": TensorProto.INT64}[token_datatype]
     fused_width = 3 * FEATURES if features_only else len(labels)
     vocab = Vocabulary.fit(gen.generate(200, seed=seed).captions, max_words=vocabulary_size, max_length=max_length)
+    padding = "post" if variable_length else padding
     vocab = Vocabulary(vocab.word_index, vocabulary_size, max_length, padding=padding, truncating=padding)
     image_spec = {"type": "image", **ImagePreprocessing(height, width, color_order=color_order).to_json()}
     text_spec = {"type": "text", "max_length": max_length, "padding": padding, "truncating": padding,
                  "vocabulary_file": "vocab.json"}  # fmt: skip
+    if variable_length:
+        text_spec.update(pad_value=vocab.pad_value, sequence_length=SEQUENCE_LENGTH_DYNAMIC)
     plans = [
         (m["image_encoder"], image_encoder(rng, height, width, image_channels),
          [TensorSpec(t["image"], "FP32", (-1, height, width, 3))],
          [TensorSpec(t["image_features"], "FP32", (-1, FEATURES))], image_spec),
-        (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length, token_type),
-         [TensorSpec(t["tokens"], token_datatype, (-1, max_length), (0, vocabulary_size))],
+        (m["text_encoder"], text_encoder(rng, vocabulary_size, max_length, token_type, variable_length=variable_length),
+         [TensorSpec(t["tokens"], token_datatype, (-1, -1 if variable_length else max_length), (0, vocabulary_size))],
          [TensorSpec(t["text_features"], "FP32", (-1, FEATURES))], text_spec),
         (m["fusion"], fusion(rng, len(labels), features_only=features_only, text_first=text_first),
          [TensorSpec(t["image_features"], "FP32", (-1, FEATURES)),
