@@ -108,19 +108,20 @@ with Triton(config=config, security_config=TritonSecurityConfig(access_token=tok
 def peers_python() -> Path:
     """The peers venv's Python, made once.
 
-    It holds PyTriton, numpy<2, OpenCV 4.10, the server's own onnxruntime version (CPU build), and
-    fusionserve without its dependencies (for its preprocessing).
+    It holds PyTriton, numpy<2, OpenCV 4.10 and the server's own onnxruntime version (CPU build), made
+    once, and this checkout of fusionserve without its dependencies (for its preprocessing), installed
+    editable on every run so the peer always preprocesses as the server under test does.
     """
     python = PEERS_VENV / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     if not (PEERS_VENV / ".complete").is_file():
         print(f"[peers] installing {', '.join(PEER_PACKAGES)} into {PEERS_VENV} (once)", flush=True)
         venv.create(PEERS_VENV, with_pip=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         import onnxruntime  # the server's own version, so both run the same kernels
 
         subprocess.run([*pip, *PEER_PACKAGES, f"onnxruntime=={onnxruntime.__version__}"], check=True)
-        subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
         (PEERS_VENV / ".complete").touch()
+    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     return python
 
 
