@@ -1,12 +1,13 @@
 """Where one real-job item's server CPU goes, at 1 caller and at 32: a profile of a running server.
 
 The real job: V2 ``ModelInfer`` on ``multimodal``, one PNG + caption per call, the embedding cache off
-(every item decoded and encoded). The load generator runs in a process of its own; the server is one
-``fusionserve serve`` with its defaults otherwise. For each caller count:
+(every item decoded and encoded), driven by Triton's perf_analyzer (C++, light on the CPU it shares
+with the server; bench/perf_analyzer.py installs it); the server is one ``fusionserve serve`` with its
+defaults otherwise. For each caller count:
 
-1. **CPU per item, by thread** (exact): each server thread's CPU time from ``/proc``, grouped by what
-   the thread is (the event loop; onnxruntime's runs; image decoding; gRPC core's own threads, which
-   receive and send the calls), divided by the items served.
+1. **CPU per item, by thread** (exact, in a window of its own): each server thread's CPU time from
+   ``/proc``, grouped by what the thread is (the event loop; onnxruntime's runs; image decoding;
+   gRPC core's own threads, which receive and send the calls), divided by the items served.
 2. **The event loop's share, by what it was doing** (sampled, in a second window of the same load):
    ``py-spy record --native`` on the server; each sample of the loop's thread is put in the first category whose
    frame it holds (gRPC and protobuf in Python, V2 request decoding, image decoding, tokenising, the
@@ -19,8 +20,8 @@ The real job: V2 ``ModelInfer`` on ``multimodal``, one PNG + caption per call, t
 
 Prints one table per caller count (µs of server CPU per item, and the share of it); writes
 ``bench/results/cpu_budget[-smoke].json``. py-spy comes from PyPI (installed into this venv when
-missing); it samples 100 times a second, stopping the server for a moment each time, so the
-throughput it prints is a little under the server's own (the split is what this measures).
+missing); it samples 100 times a second, stopping the server for a moment each time, which is why
+the profile has a window of its own, after the exact one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ServerProcess, machine, repository, result_name, samples, write
+import perf_analyzer as pa
+from _common import RESULTS, ServerProcess, machine, repository, result_name, write
 
 # What a thread of the server is, from its name: Python's thread name (py-spy reports it), else the
 # OS's (gRPC core's own threads have no Python side).
@@ -141,30 +143,34 @@ def _items(server: ServerProcess) -> float:
     return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal"}')
 
 
-def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool) -> dict[str, Any]:
-    """Drive ``callers`` closed-loop callers for ``duration_s``; CPU per item, by thread and (sampled) by task."""
-    load = [sys.executable, "-m", "fusionserve", "loadtest", "--target", server.target, "--api", "v2", "--quiet",
-            "--concurrency", str(callers), "--duration", str(2 * duration_s + 2.0), "--warmup", "1"]  # fmt: skip
-    driver = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # the load generator's warm-up
+def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool, tool: tuple) -> dict[str, Any]:
+    """Drive ``callers`` closed-loop callers (perf_analyzer); CPU per item, by thread and (sampled) by task."""
+    binary, env, data = tool
+    # perf_analyzer runs windows until three agree; with every window accepted (-s 100) and long
+    # enough ones, the load lasts past the exact window and the profile that follows it.
+    window_ms = int((2 * duration_s + 4) * 1000)
+    load = [str(binary), "-m", "multimodal", "-u", server.target, "-i", "grpc", "--concurrency-range",
+            f"{callers}:{callers}", "--measurement-interval", str(window_ms), "-s", "100",
+            "--input-data", str(data)]  # fmt: skip
+    driver = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2.0)  # its warm-up, and the server's
     raw = Path(tempfile.mkdtemp()) / "profile.raw"
     names = _python_thread_names(server.pid)
-    spy = None
-    if profile:
-        command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
-                   str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
-        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def snapshot() -> tuple[dict[str, float], float, dict[str, float], float]:
         return _thread_cpu_s(server.pid, names), _items(server), _compute_s(server), time.monotonic()
 
+    # First the exact figures, with nothing else looking; then the profile (py-spy stops the server
+    # a hundred times a second, which would bend the first).
     cpu0, items0, compute0, wall0 = snapshot()
     time.sleep(duration_s)
     cpu1, items1, compute1, wall1 = snapshot()
-    if spy is not None:
-        spy.wait(60)
-    _, err = driver.communicate(timeout=60)
-    if driver.returncode != 0:
-        raise RuntimeError(f"the load generator failed: {err[-500:]}")
+    if profile:
+        command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
+                   str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
+        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=duration_s + 60)
+    driver.kill()  # enough load: its own figures are not what this measures
+    driver.wait(30)
     items = items1 - items0
     by_thread = {g: (cpu1[g] - cpu0.get(g, 0.0)) / items * 1e6 for g in cpu1}
     row: dict[str, Any] = {"callers": callers, "items": items, "items_per_s": items / (wall1 - wall0),
@@ -200,12 +206,17 @@ def main() -> int:
     args = p.parse_args()
     duration_s = 2.0 if args.smoke else args.duration_s
     repo = repository(args.repository, smoke=args.smoke)
-    samples(1)  # fail early on a broken data module, before the server starts
+    binary = pa.install()
+    env = {**os.environ, "LD_LIBRARY_PATH": pa.library_path(binary)}
+    if missing := pa.missing_libraries(binary, env):
+        print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
+        return 1
+    tool = (binary, env, pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
     rows = []
     with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:
         for callers in args.callers:
             # py-spy needs to attach to another process (ptrace), which a CI container may not allow.
-            row = measure(server, callers, duration_s, profile=not (args.no_profile or args.smoke))
+            row = measure(server, callers, duration_s, profile=not (args.no_profile or args.smoke), tool=tool)
             report(row)
             rows.append(row)
     payload = {"machine": machine(), "duration_s": duration_s, "server_args": args.server_arg, "rows": rows}
