@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from _common import CUDA, RESULTS, OrtModel, ServerProcess, machine, onnx_path, repository, trained_models, write
 
-from fusionserve.preprocess import Vocabulary
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 
 MODELS = ("image_encoder", "text_encoder", "fusion")
 SAMPLES = 64
@@ -49,7 +49,7 @@ def reference(trained: Path, out: Path) -> None:
 
     models = {name: keras.models.load_model(trained / f"{name}.keras", compile=False) for name in MODELS}
     size = int(models["image_encoder"].inputs[0].shape[1]), int(models["image_encoder"].inputs[0].shape[2])
-    images, tokens = parity_inputs(size, Vocabulary.load(trained / "vocab.json"), SAMPLES, seed=SEED)
+    images, tokens = parity_inputs(ImagePreprocessing(*size), Vocabulary.load(trained / "vocab.json"), SAMPLES, seed=SEED)
     image_features = np.asarray(models["image_encoder"](images))
     text_features = np.asarray(models["text_encoder"](tokens))
     probabilities = np.asarray(models["fusion"]([image_features, text_features]))
