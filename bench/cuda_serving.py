@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 from _common import OrtModel, ServerProcess, load, machine, onnx_path, repository, time_calls, write
 
-from fusionserve.repository import list_versions, load_config
+from fusionserve.repository import list_versions, load_config, variable_length
 from fusionserve.v2 import grpc_service_pb2 as v2pb
 from fusionserve.v2_codec import add_raw_input
 
@@ -39,12 +39,16 @@ TENSOR_MODELS = ("image_encoder", "text_encoder", "fusion")
 
 
 def _inputs(repo: Path, model: str, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of ``rows`` rows that the model takes (token ids within their range)."""
+    """Random inputs of ``rows`` rows that the model takes (token ids within their range).
+
+    A text encoder that takes captions of any length gets them at full length (the most it costs).
+    """
     rng = np.random.default_rng(seed)
     config = load_config(repo, model, max(list_versions(repo, model)))
+    words = variable_length(config)
     feeds = {}
     for spec in config.inputs:
-        shape = (rows, *spec.shape[1:])
+        shape = (rows, *(words.max_length if d < 0 and words else d for d in spec.shape[1:]))
         if spec.range is not None:
             feeds[spec.name] = rng.integers(spec.range[0], spec.range[1], shape).astype(spec.dtype)
         else:
