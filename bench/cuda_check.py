@@ -49,7 +49,8 @@ def reference(trained: Path, out: Path) -> None:
 
     models = {name: keras.models.load_model(trained / f"{name}.keras", compile=False) for name in MODELS}
     size = int(models["image_encoder"].inputs[0].shape[1]), int(models["image_encoder"].inputs[0].shape[2])
-    images, tokens = parity_inputs(ImagePreprocessing(*size), Vocabulary.load(trained / "vocab.json"), SAMPLES, seed=SEED)
+    vocab = Vocabulary.load(trained / "vocab.json")
+    images, tokens = parity_inputs(ImagePreprocessing(*size), vocab, SAMPLES, seed=SEED)
     image_features = np.asarray(models["image_encoder"](images))
     text_features = np.asarray(models["text_encoder"](tokens))
     probabilities = np.asarray(models["fusion"]([image_features, text_features]))

@@ -319,7 +319,8 @@ def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing
         started = time.perf_counter()
         length_parity: dict[str, Any] = {}
         if name == "text_encoder":
-            proto, in_specs, step_preprocessing, length_parity = _text_encoder(model, vocab, in_specs, out_specs, opset)
+            proto, in_specs, step_preprocessing, length_parity = text_encoder_onnx(model, vocab, in_specs, out_specs,
+                                                                                   opset)
         else:
             proto = to_onnx(model, name, [t.name for t in in_specs], [t.name for t in out_specs], opset)
         ops = gate(proto, name, layer_names(model))
@@ -344,7 +345,7 @@ def _export_into(stage: Staging, models: tuple, vocab: Vocabulary, preprocessing
     return ExportResult(stage.repository, tuple(exported), pipeline_version)
 
 
-def _text_encoder(model, vocab: Vocabulary, in_specs: list[TensorSpec], out_specs: list[TensorSpec],
+def text_encoder_onnx(model, vocab: Vocabulary, in_specs: list[TensorSpec], out_specs: list[TensorSpec],
                   opset: int) -> tuple[Any, list[TensorSpec], dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The text encoder's graph, input specs, preprocessing entry and length check (for its parity record).
 
