@@ -22,8 +22,8 @@ server-side split perf_analyzer reads from ModelStatistics (queue, compute). ``-
 ``--models multimodal --concurrency 32 128 512 1024 --apis unary stream --workers 1 2`` shows what
 callers get at each size: every run that ends in an error (perf_analyzer stops at the first failed
 call) is a FAILED row naming it, and the bench exits 1. ``--smoke``: multimodal
-at concurrency 1, 1 s windows, for CI; where perf_analyzer cannot be installed or cannot run (libb64
-missing) it says why and exits 0, but a perf_analyzer run that fails against the server fails it.
+at concurrency 1, 1 s windows that may differ as they like (no claims on a shared CI machine), for CI.
+Where perf_analyzer cannot be installed or cannot run (libb64 missing) it says why and exits 1.
 Writes ``bench/results/perf_analyzer[-smoke].json``.
 """
 
@@ -138,10 +138,11 @@ def main() -> int:
     parser.add_argument("--stability-percentage", type=int, default=10,
                         help="perf_analyzer -s: how far windows may differ (raise it on a shared machine)")
     parser.add_argument("--perf-analyzer", type=Path, help="a perf_analyzer binary (default: install one)")
-    parser.add_argument("--smoke", action="store_true", help="multimodal at concurrency 1, 1 s windows (CI)")
+    parser.add_argument("--smoke", action="store_true", help="multimodal, concurrency 1, 1 s windows (CI)")
     args = parser.parse_args()
     if args.smoke:
-        args.models, args.concurrency, args.window_ms = ["multimodal"], [1], 1000
+        # No claims in a smoke run: windows on a shared CI machine may differ as they like.
+        args.models, args.concurrency, args.window_ms, args.stability_percentage = ["multimodal"], [1], 1000, 100
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         binary = args.perf_analyzer or install()
