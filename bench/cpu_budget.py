@@ -206,11 +206,11 @@ def main() -> int:
     args = p.parse_args()
     duration_s = 2.0 if args.smoke else args.duration_s
     repo = repository(args.repository, smoke=args.smoke)
-    binary = pa.install()
-    env = {**os.environ, "LD_LIBRARY_PATH": pa.library_path(binary)}
-    if missing := pa.missing_libraries(binary, env):
-        print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
+    found = pa.ready()
+    if isinstance(found, str):
+        print(found)
         return 1
+    binary, env = found
     tool = (binary, env, pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
     rows = []
     with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:

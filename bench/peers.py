@@ -233,11 +233,11 @@ def main() -> int:
     args = p.parse_args()
     repo = repository(args.repository)
     items = samples(64)
-    binary = pa.install()
-    env = {**os.environ, "LD_LIBRARY_PATH": pa.library_path(binary)}
-    if missing := pa.missing_libraries(binary, env):
-        print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
+    found = pa.ready()
+    if isinstance(found, str):
+        print(found)
         return 1
+    binary, env = found
     tool = (binary, env, pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
 
     raw = RawPipeline(repo)

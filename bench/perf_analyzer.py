@@ -85,6 +85,21 @@ def missing_libraries(binary: Path, env: dict[str, str]) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if "not found" in line]
 
 
+def ready(binary: Path | None = None) -> tuple[Path, dict[str, str]] | str:
+    """(perf_analyzer's binary, the environment it runs in), or why it cannot run here.
+
+    ``binary``: one to use instead of installing (or reusing) the tritonclient wheel's.
+    """
+    try:
+        binary = binary or install()
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"perf_analyzer could not be installed: {e}"
+    env = {**os.environ, "LD_LIBRARY_PATH": library_path(binary)}
+    if missing := missing_libraries(binary, env):
+        return f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)"
+    return binary, env
+
+
 def input_data(path: Path, n: int = 16) -> Path:
     """perf_analyzer --input-data for ``multimodal``: real PNGs (BYTES wire form, base64) and captions."""
     steps = [
@@ -144,15 +159,11 @@ def main() -> int:
         # No claims in a smoke run: windows on a shared CI machine may differ as they like.
         args.models, args.concurrency, args.window_ms, args.stability_percentage = ["multimodal"], [1], 1000, 100
     RESULTS.mkdir(parents=True, exist_ok=True)
-    try:
-        binary = args.perf_analyzer or install()
-    except (OSError, subprocess.CalledProcessError) as e:
-        print(f"perf_analyzer could not be installed: {e}")
+    found = ready(args.perf_analyzer)
+    if isinstance(found, str):
+        print(found)
         return 1
-    env = {**os.environ, "LD_LIBRARY_PATH": library_path(binary)}
-    if missing := missing_libraries(binary, env):
-        print(f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)")
-        return 1
+    binary, env = found
 
     apis = args.apis
     repo = repository(args.repository, smoke=args.smoke)

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,13 +83,10 @@ def perf_analyzer_setup(smoke: bool) -> tuple[Any, dict[str, str], Path] | str:
     """(run_one, env, input data) for bench/perf_analyzer.py's runner, or why it cannot run here."""
     import perf_analyzer as pa
 
-    try:
-        binary = pa.install()
-    except (OSError, subprocess.CalledProcessError) as e:
-        return f"perf_analyzer could not be installed: {e}"
-    env = {**os.environ, "LD_LIBRARY_PATH": pa.library_path(binary)}
-    if missing := pa.missing_libraries(binary, env):
-        return f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)"
+    found = pa.ready()
+    if isinstance(found, str):
+        return found
+    binary, env = found
     data = pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json")
 
     def run(target: str, concurrency: int, window_ms: int, separate: bool) -> dict[str, Any]:
