@@ -2,8 +2,8 @@
 
 ``ImageEncoder``: encoded image bytes → header check, decode and preprocess → the image encoder's
 batcher. Small images are decoded in batches too: calls' images meet in a decode batcher whose runs
-take one thread hop each (a lone call's one image decodes on the event loop, quicker than a hop);
-large images are decoded each in a hop of its own, in parallel. ``TextEncoder``: texts → token ids → the text
+take one thread hop each (a lone call's one image decodes on the event loop, quicker than a hop); a
+call with a large image decodes its images in a thread hop of its own. ``TextEncoder``: texts → token ids → the text
 encoder's batcher. Both look each input up in the cache first (see server/embedding_cache.py) and
 answer per item: features, or an INVALID_ARGUMENT naming the item.
 """
@@ -31,13 +31,18 @@ TOKEN_DTYPE = np.dtype(np.int32)  # what the vocabulary encodes to, and most exp
 Features = tuple[dict[int, np.ndarray], dict[int, Exception]]
 
 
+def _decode_one(data: bytes, preprocessing: ImagePreprocessing, limits: Limits) -> np.ndarray:
+    """One encoded image as the model's input; FusionServeError says what is wrong with it."""
+    check_image_header(data, limits)
+    return preprocessing.apply(decode_image(data))
+
+
 def _decode_all(images: Sequence[bytes], preprocessing: ImagePreprocessing, limits: Limits,
                 names: Sequence[str]) -> list[np.ndarray | Exception]:  # fmt: skip
     out: list[np.ndarray | Exception] = []
     for data, name in zip(images, names, strict=True):
         try:
-            check_image_header(data, limits)
-            out.append(preprocessing.apply(decode_image(data)))
+            out.append(_decode_one(data, preprocessing, limits))
         except FusionServeError as e:
             out.append(InvalidInputError(f"{name}: {e}"))
     return out
@@ -56,8 +61,7 @@ def decoder(preprocessing: ImagePreprocessing, limits: Limits) -> RunFn:
         errors = np.full(len(images), None, dtype=object)
         for row, data in enumerate(images):
             try:
-                check_image_header(data, limits)
-                pixels[row] = preprocessing.apply(decode_image(data))
+                pixels[row] = _decode_one(data, preprocessing, limits)
             except FusionServeError as e:
                 errors[row] = e
         return {"pixels": pixels, "error": errors}
