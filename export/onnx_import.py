@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fusionserve import data as gen
 from fusionserve.errors import ExportError
+from fusionserve.export.convert import parity_inputs
 from fusionserve.export.gate import gate
 from fusionserve.export.staging import (
     CLASSES,
@@ -34,7 +34,7 @@ from fusionserve.export.staging import (
     staging,
     text_step_preprocessing,
 )
-from fusionserve.preprocess import ImagePreprocessing, Vocabulary, decode_image, encode_png
+from fusionserve.preprocess import ImagePreprocessing, Vocabulary
 from fusionserve.repository import DEFAULT_MAX_BATCH_SIZE, ONNX_TYPES, ModelConfig, TensorSpec
 from fusionserve.user_preprocessing import image_preprocessing, read_json, read_tokenizer, with_pad_sequences
 
@@ -177,9 +177,8 @@ def _import(graphs: tuple[_Graph, _Graph, _Graph], vocab: Vocabulary, preprocess
 
     # The trial run: generated images and captions as the server will prepare them, and a row of the
     # highest id and the padding value, which the text encoder's embedding must take.
-    ds = gen.generate(samples, TRIAL_SEED)
-    images = np.stack([preprocessing.apply(decode_image(encode_png(i))) for i in ds.images])
-    ids = np.concatenate([vocab.encode(ds.captions),
+    images, captions = parity_inputs(preprocessing, vocab, samples, seed=TRIAL_SEED)
+    ids = np.concatenate([captions,
                           np.full((1, vocab.max_length), vocab.max_words - 1), np.full((1, vocab.max_length),
                                                                                        vocab.pad_value)])  # fmt: skip
     ids = ids.astype(tokens.dtype)
