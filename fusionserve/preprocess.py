@@ -15,6 +15,7 @@ against the reference implementations, so train/serve skew cannot creep in.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 import string
@@ -45,6 +46,12 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _ASCII_WHITESPACE = re.compile("[ \t\n\x0b\x0c\r]+")
 
 
+@functools.lru_cache(maxsize=64)
+def _filter_table(filters: str, replacement: str) -> dict[int, str]:
+    """``str.translate``'s table turning each of ``filters`` into ``replacement`` (built once, not per text)."""
+    return str.maketrans(dict.fromkeys(filters, replacement))
+
+
 def split_words(text: str, *, lower: bool | str = True, filters: str = KERAS_FILTERS, replacement: str = " ",
                 split: str = " ") -> list[str]:  # fmt: skip
     """Lower-case, replace every filtered character by ``replacement``, split, drop empty words.
@@ -57,8 +64,7 @@ def split_words(text: str, *, lower: bool | str = True, filters: str = KERAS_FIL
     elif lower == LOWER_ASCII:
         text = text.translate(_ASCII_LOWER)
     if filters:
-        table: dict[str, str | int | None] = dict.fromkeys(filters, replacement)
-        text = text.translate(str.maketrans(table))
+        text = text.translate(_filter_table(filters, replacement))
     if split == SPLIT_CHARACTER:
         return list(text)
     parts = _ASCII_WHITESPACE.split(text) if split == SPLIT_WHITESPACE else text.split(split)
