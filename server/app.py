@@ -139,18 +139,28 @@ class FusionServer:
         """Keep the door's estimate of the loop's lag in taking calls up from gRPC current (server/admission.py).
 
         The calls waiting are gRPC's count of the calls it received less the calls the loop took up; the
-        lag is that many over the pace the loop took calls up at while some waited (smoothed).
+        lag is that many over the pace the loop took calls up at while some waited (smoothed), but never
+        more than the backlog's age. A loop held up for a moment (another process taking the CPU, a
+        long export in the same process) takes calls up at a pace near zero meanwhile, and waiting ÷ that
+        pace would predict a lag of many seconds; yet no call waiting now can have waited longer than
+        calls have been waiting at all, and once the loop runs again it takes them up at its own pace.
         """
         loop = asyncio.get_running_loop()
         taken_before, since, pace, behind_since = self.calls.taken, loop.time(), None, None
+        waiting_since: float | None = None  # calls have waited since at most this long ago
         while True:
             await asyncio.sleep(BACKLOG_WATCH_S)
             waiting = max(0, grpc_counts.calls_started(server_id) - self.calls.taken)
             taken, now = self.calls.taken, loop.time()
+            lag_s = 0.0
             if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
                 sample = (taken - taken_before) / (now - since)
                 pace = sample if pace is None else (1 - PACE_SMOOTHING) * pace + PACE_SMOOTHING * sample
-            lag_s = waiting / max(pace, 1.0) if waiting and pace is not None else 0.0
+                # If none waited at the last reading, these came after it.
+                waiting_since = since if waiting_since is None else waiting_since
+                lag_s = min(waiting / max(pace, 1.0), now - waiting_since)
+            else:
+                waiting_since = None
             # Only a lag that stands counts (CoDel's interval): a burst the loop takes up soon is no flood.
             behind_since = (behind_since or now) if lag_s > LAG_TARGET_S else None
             standing = behind_since is not None and now - behind_since >= LAG_INTERVAL_S
