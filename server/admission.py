@@ -64,6 +64,14 @@ MAX_PUSHBACK_S = 1.0
 """Longest time a refused caller is told to wait before trying again."""
 
 
+LAG_TARGET_S = 0.01
+"""A lag in taking calls up under this is no lag (a burst being taken up)."""
+LAG_INTERVAL_S = 0.1
+"""How long the lag must stand over the target before the door counts it."""
+PACE_SMOOTHING = 0.3
+"""Weight of a new sample of the pace at which the loop takes calls up (exponential moving average)."""
+
+
 class OverloadedError(QueueFullError):
     """Refused at the door: the call could not be answered in time (its deadline, or the target delay)."""
 
@@ -208,3 +216,44 @@ class Admission:
                 self._busy_since = now
             if self._on_change is not None:
                 self._on_change(self)
+
+
+class Backlog:
+    """The event loop's lag in taking calls up from gRPC's accept queue, for the door's ``lag_s``.
+
+    Read periodically with two running counts: the calls gRPC received (channelz) and the calls the
+    loop took up. The calls waiting are the difference; the lag is that many over the pace the loop
+    took calls up at while some waited (smoothed), but never more than calls have been waiting at all.
+    A loop held up for a moment (another process taking the CPU, an export in the same process) takes
+    calls up at a pace near zero meanwhile, and waiting ÷ that pace would predict many seconds; yet no
+    call waiting now has waited longer than the backlog's age, and once the loop runs again it takes
+    calls up at its own pace. Only a lag that has stood over ``LAG_TARGET_S`` for ``LAG_INTERVAL_S``
+    counts (CoDel's interval): a burst the loop takes up soon is no flood.
+    """
+
+    def __init__(self, taken: int, now: float) -> None:
+        self.pace: float | None = None
+        """Calls a second the loop took up while some waited (None until calls have waited)."""
+        self._taken, self._since = taken, now  # the last reading
+        self._waiting_since: float | None = None  # calls have waited since at most this time
+        self._behind_since: float | None = None  # since when the lag has been over the target
+
+    def read(self, received: int, taken: int, now: float) -> float:
+        """One more reading of the two counts at ``now``; the lag the door should count (0: none that stands)."""
+        waiting = max(0, received - taken)
+        lag_s = 0.0
+        if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
+            sample = (taken - self._taken) / (now - self._since)
+            self.pace = sample if self.pace is None else (1 - PACE_SMOOTHING) * self.pace + PACE_SMOOTHING * sample
+            if self._waiting_since is None:  # none waited at the last reading: these came after it
+                self._waiting_since = self._since
+            lag_s = min(waiting / max(self.pace, 1.0), now - self._waiting_since)
+        else:
+            self._waiting_since = None
+        if lag_s <= LAG_TARGET_S:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = now
+        self._taken, self._since = taken, now
+        standing = self._behind_since is not None and now - self._behind_since >= LAG_INTERVAL_S
+        return lag_s if standing else 0.0

@@ -17,7 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fusionserve.server import grpc_counts
-from fusionserve.server.admission import pushback_s
+from fusionserve.server.admission import Backlog, pushback_s
 from fusionserve.server.auth import TokenAuthInterceptor, load_tokens, server_credentials
 from fusionserve.server.call_limit import CallLimit
 from fusionserve.server.core import ServingCore
@@ -35,12 +35,6 @@ logger = logging.getLogger(__name__)
 TYPED_SERVICE = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
 BACKLOG_WATCH_S = 0.02
 """How often the calls waiting in gRPC's accept queue are counted (one channelz read: about 130 µs)."""
-LAG_TARGET_S = 0.01
-"""A lag in taking calls up under this is no lag (a burst being taken up)."""
-LAG_INTERVAL_S = 0.1
-"""How long the lag must stand over the target before the door counts it."""
-PACE_SMOOTHING = 0.3
-"""Weight of a new sample of the pace at which the loop takes calls up (exponential moving average)."""
 
 
 class FusionServer:
@@ -136,36 +130,13 @@ class FusionServer:
         return pushback_s(self.core.admission.estimated_wait_s())
 
     async def _watch_backlog(self, server_id: int) -> None:
-        """Keep the door's estimate of the loop's lag in taking calls up from gRPC current (server/admission.py).
-
-        The calls waiting are gRPC's count of the calls it received less the calls the loop took up; the
-        lag is that many over the pace the loop took calls up at while some waited (smoothed), but never
-        more than the backlog's age. A loop held up for a moment (another process taking the CPU, a
-        long export in the same process) takes calls up at a pace near zero meanwhile, and waiting ÷ that
-        pace would predict a lag of many seconds; yet no call waiting now can have waited longer than
-        calls have been waiting at all, and once the loop runs again it takes them up at its own pace.
-        """
+        """Keep the door's estimate of the loop's lag in taking calls up from gRPC current (server/admission.py)."""
         loop = asyncio.get_running_loop()
-        taken_before, since, pace, behind_since = self.calls.taken, loop.time(), None, None
-        waiting_since: float | None = None  # calls have waited since at most this long ago
+        backlog = Backlog(self.calls.taken, loop.time())
         while True:
             await asyncio.sleep(BACKLOG_WATCH_S)
-            waiting = max(0, grpc_counts.calls_started(server_id) - self.calls.taken)
-            taken, now = self.calls.taken, loop.time()
-            lag_s = 0.0
-            if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
-                sample = (taken - taken_before) / (now - since)
-                pace = sample if pace is None else (1 - PACE_SMOOTHING) * pace + PACE_SMOOTHING * sample
-                # If none waited at the last reading, these came after it.
-                waiting_since = since if waiting_since is None else waiting_since
-                lag_s = min(waiting / max(pace, 1.0), now - waiting_since)
-            else:
-                waiting_since = None
-            # Only a lag that stands counts (CoDel's interval): a burst the loop takes up soon is no flood.
-            behind_since = (behind_since or now) if lag_s > LAG_TARGET_S else None
-            standing = behind_since is not None and now - behind_since >= LAG_INTERVAL_S
-            self.core.admission.lag_s = lag_s if standing else 0.0
-            taken_before, since = taken, now
+            received = grpc_counts.calls_started(server_id)
+            self.core.admission.lag_s = backlog.read(received, self.calls.taken, loop.time())
 
     async def _refresh_metrics(self) -> None:
         """A worker's gauges read at scrape time in one process are copied to its files each second."""

@@ -14,11 +14,13 @@ from fusionserve.client import FusionClient
 from fusionserve.errors import DeadlineExceededError
 from fusionserve.server.admission import (
     INTERVAL_S,
+    LAG_INTERVAL_S,
     MAX_PUSHBACK_S,
     MIN_PUSHBACK_S,
     RECENT_S,
     SAMPLE_S,
     Admission,
+    Backlog,
     OverloadedError,
 )
 from fusionserve.v1 import fusion_pb2 as pb
@@ -148,6 +150,44 @@ def test_while_the_loop_lags_behind_in_taking_calls_up_short_deadlines_are_refus
     with pytest.raises(OverloadedError):  # nothing admitted, but the loop is behind: not idle
         with door.admit(1, timeout_s=0.05):
             pass
+
+
+TICK_S = 0.02  # how often the server reads gRPC's count (server/app.py)
+
+
+def test_the_loop_falling_behind_a_flood_counts_as_lag_once_it_stands():
+    backlog, received, taken, now = Backlog(0, 0.0), 0, 0, 0.0
+    lags = []
+    for _ in range(20):  # gRPC receives 2,000 calls/s, the loop takes up 1,000/s
+        received, taken, now = received + 40, taken + 20, now + TICK_S
+        lags.append(backlog.read(received, taken, now))
+    standing = int(LAG_INTERVAL_S / TICK_S)
+    assert lags[:standing] == [0.0] * standing  # a burst the loop may yet take up: no lag
+    waiting, age = received - taken, now - 0.0
+    assert backlog.pace == pytest.approx(1000)
+    assert lags[-1] == pytest.approx(min(waiting / 1000, age))  # 0.4 s behind, and growing
+    for _ in range(3):  # the flood ends; the loop catches up
+        taken, now = min(received, taken + 200), now + TICK_S
+        last = backlog.read(received, taken, now)
+    assert last == 0.0
+
+
+def test_a_loop_held_up_for_a_moment_is_not_taken_for_a_loop_seconds_behind():
+    """While the loop is held up (another process has the CPU) it takes nothing up: a pace near zero."""
+    backlog, received, taken, now = Backlog(0, 0.0), 0, 0, 0.0
+    for _ in range(50):  # calm: 150 calls/s, taken up as they come
+        received, now = received + 3, now + TICK_S
+        taken = received
+        assert backlog.read(received, taken, now) == 0.0
+    held_from = now
+    for _ in range(50):  # held up for a second: calls keep coming, the loop takes up none
+        received, now = received + 3, now + TICK_S
+        lag = backlog.read(received, taken, now)
+    assert 0 < lag <= now - held_from  # no call has waited longer than that
+    door, _ = measured(target_s=0.0, items_per_s=1000)
+    door.lag_s = lag
+    with door.admit(1, timeout_s=10.0):  # a 10 s deadline is met: the 150 waiting calls take the loop 0.15 s
+        pass
 
 
 def test_a_call_into_an_idle_server_is_admitted_whatever_its_deadline_unless_it_has_passed():
