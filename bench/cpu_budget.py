@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import perf_analyzer as pa
-from _common import RESULTS, ServerProcess, machine, repository, result_name, write
+from _common import ServerProcess, machine, repository, result_name, write
 
 # What a thread of the server is, from its name: Python's thread name (py-spy reports it), else the
 # OS's (gRPC core's own threads have no Python side).
@@ -143,7 +143,7 @@ def _items(server: ServerProcess) -> float:
     return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal"}')
 
 
-def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool, tool: tuple) -> dict[str, Any]:
+def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool, tool: pa.Tool) -> dict[str, Any]:
     """Drive ``callers`` closed-loop callers (perf_analyzer); CPU per item, by thread and (sampled) by task."""
     binary, env, data = tool
     # perf_analyzer runs windows until three agree; with every window accepted (-s 100) and long
@@ -206,12 +206,10 @@ def main() -> int:
     args = p.parse_args()
     duration_s = 2.0 if args.smoke else args.duration_s
     repo = repository(args.repository, smoke=args.smoke)
-    found = pa.ready()
-    if isinstance(found, str):
-        print(found)
+    tool = pa.ready()
+    if isinstance(tool, str):
+        print(tool)
         return 1
-    binary, env = found
-    tool = (binary, env, pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
     rows = []
     with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:
         for callers in args.callers:

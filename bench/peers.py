@@ -204,7 +204,7 @@ def answers(target: str, items: list[tuple[bytes, str]]) -> np.ndarray:
     return np.stack(out)
 
 
-def sweep(name: str, target: str, args: argparse.Namespace, tool: tuple[Path, dict[str, str], Path],
+def sweep(name: str, target: str, args: argparse.Namespace, tool: pa.Tool,
           extra: tuple[str, ...] = ()) -> list[dict]:  # fmt: skip
     """perf_analyzer at every caller count and API against one server (``extra``: more of its arguments)."""
     binary, env, data = tool
@@ -233,12 +233,10 @@ def main() -> int:
     args = p.parse_args()
     repo = repository(args.repository)
     items = samples(64)
-    found = pa.ready()
-    if isinstance(found, str):
-        print(found)
+    tool = pa.ready()
+    if isinstance(tool, str):
+        print(tool)
         return 1
-    binary, env = found
-    tool = (binary, env, pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
 
     raw = RawPipeline(repo)
     floor = bench_raw(raw, items, 1, 3.0, gap_s=0.001)

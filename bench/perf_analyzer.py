@@ -40,7 +40,7 @@ import sys
 import venv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from _common import RESULTS, ServerProcess, machine, repository, result_name, samples, write
 
@@ -85,8 +85,16 @@ def missing_libraries(binary: Path, env: dict[str, str]) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if "not found" in line]
 
 
-def ready(binary: Path | None = None) -> tuple[Path, dict[str, str]] | str:
-    """(perf_analyzer's binary, the environment it runs in), or why it cannot run here.
+class Tool(NamedTuple):
+    """What a perf_analyzer run needs: the binary, the environment it runs in, ``multimodal``'s input data."""
+
+    binary: Path
+    env: dict[str, str]
+    data: Path
+
+
+def ready(binary: Path | None = None) -> Tool | str:
+    """perf_analyzer ready to run against ``multimodal``, or why it cannot run here.
 
     ``binary``: one to use instead of installing (or reusing) the tritonclient wheel's.
     """
@@ -97,7 +105,8 @@ def ready(binary: Path | None = None) -> tuple[Path, dict[str, str]] | str:
     env = {**os.environ, "LD_LIBRARY_PATH": library_path(binary)}
     if missing := missing_libraries(binary, env):
         return f"perf_analyzer cannot run here: missing {', '.join(missing)} (libb64: apt-get install -y libb64-0d)"
-    return binary, env
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return Tool(binary, env, input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
 
 
 def input_data(path: Path, n: int = 16) -> Path:
@@ -158,16 +167,14 @@ def main() -> int:
     if args.smoke:
         # No claims in a smoke run: windows on a shared CI machine may differ as they like.
         args.models, args.concurrency, args.window_ms, args.stability_percentage = ["multimodal"], [1], 1000, 100
-    RESULTS.mkdir(parents=True, exist_ok=True)
     found = ready(args.perf_analyzer)
     if isinstance(found, str):
         print(found)
         return 1
-    binary, env = found
+    binary, env, data = found
 
     apis = args.apis
     repo = repository(args.repository, smoke=args.smoke)
-    data = input_data(RESULTS / "perf_analyzer-multimodal-input.json")
     rows = []
     for workers in args.workers:
         with ServerProcess(repo, "--workers", workers, *args.server_arg) as server:

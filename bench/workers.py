@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, ServerProcess, load, machine, repository, result_name, samples, write
+from _common import ServerProcess, load, machine, repository, result_name, samples, write
 
 SHARE_COUNT = "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"  # perf_analyzer's requests per channel (default 6)
 REQUESTS_OK = ("fusionserve_requests_total", {"code": "OK", "model": "multimodal"})
@@ -86,8 +86,7 @@ def perf_analyzer_setup(smoke: bool) -> tuple[Any, dict[str, str], Path] | str:
     found = pa.ready()
     if isinstance(found, str):
         return found
-    binary, env = found
-    data = pa.input_data(RESULTS / "perf_analyzer-multimodal-input.json")
+    binary, env, data = found
 
     def run(target: str, concurrency: int, window_ms: int, separate: bool) -> dict[str, Any]:
         # perf_analyzer's default stability, except in a smoke run (no claims; CI machines are noisy).
