@@ -15,6 +15,7 @@ from fusionserve.errors import DeadlineExceededError
 from fusionserve.server.admission import (
     INTERVAL_S,
     LAG_INTERVAL_S,
+    LAG_READ_S,
     MAX_PUSHBACK_S,
     MIN_PUSHBACK_S,
     RECENT_S,
@@ -170,6 +171,31 @@ def test_the_loop_falling_behind_a_flood_counts_as_lag_once_it_stands():
         taken, now = min(received, taken + 200), now + TICK_S
         last = backlog.read(received, taken, now)
     assert last == 0.0
+
+
+def test_the_count_is_read_seldom_while_calm_and_often_once_behind_and_a_flood_still_counts_soon():
+    """A reading costs the loop about half a call's time (a channelz read), so a calm server reads seldom."""
+    backlog, received, taken, now = Backlog(0, 0.0), 0, 0, 0.0
+    for _ in range(10):  # calm: 150 calls/s, taken up as they come
+        step = backlog.next_read_s
+        received, now = received + int(150 * step), now + step
+        taken = received
+        assert backlog.read(received, taken, now) == 0.0
+    assert backlog.next_read_s == LAG_INTERVAL_S
+    flood_from, counted = now, None
+    while counted is None:  # gRPC now receives 2,000 calls/s, the loop takes up 1,000/s
+        step = backlog.next_read_s
+        received, taken, now = received + round(2000 * step), taken + round(1000 * step), now + step
+        if backlog.read(received, taken, now):
+            counted = now
+        assert now - flood_from < 1.0
+    assert backlog.next_read_s == LAG_READ_S  # behind: read often, to see the lag stand and to follow it
+    assert counted - flood_from <= 2 * LAG_INTERVAL_S + 1e-9  # found within one interval, standing the next
+    while received > taken:  # the flood ends; the loop catches up
+        taken, now = min(received, taken + 200), now + backlog.next_read_s
+        backlog.read(received, taken, now)
+    assert backlog.read(received, taken, now + backlog.next_read_s) == 0.0
+    assert backlog.next_read_s == LAG_INTERVAL_S
 
 
 def test_a_loop_held_up_for_a_moment_is_not_taken_for_a_loop_seconds_behind():
