@@ -37,19 +37,8 @@ def _decode_one(data: bytes, preprocessing: ImagePreprocessing, limits: Limits) 
     return preprocessing.apply(decode_image(data))
 
 
-def _decode_all(images: Sequence[bytes], preprocessing: ImagePreprocessing, limits: Limits,
-                names: Sequence[str]) -> list[np.ndarray | Exception]:  # fmt: skip
-    out: list[np.ndarray | Exception] = []
-    for data, name in zip(images, names, strict=True):
-        try:
-            out.append(_decode_one(data, preprocessing, limits))
-        except FusionServeError as e:
-            out.append(InvalidInputError(f"{name}: {e}"))
-    return out
-
-
 def decoder(preprocessing: ImagePreprocessing, limits: Limits) -> RunFn:
-    """A decode batcher's run function.
+    """A decode batcher's run function (and a large image's thread hop).
 
     ``image`` (encoded bytes per row) → ``pixels`` (zeros where a row failed) and ``error`` (the row's
     error, else None), row for row.
@@ -78,7 +67,8 @@ class ImageEncoder:
         self.step, self.batcher = step, batcher
         self.preprocessing, self.limits, self.executor = preprocessing, limits, executor
         self.cached = CachedEncoder(step.model, step.version, preprocessing, cache, metrics)
-        self.decoder = DynamicBatcher(f"{step.model} decoding", decoder(preprocessing, limits), executor,
+        self._decode = decoder(preprocessing, limits)
+        self.decoder = DynamicBatcher(f"{step.model} decoding", self._decode, executor,
                                       max_batch_size=max_batch_size, max_queue_delay_s=0.0,
                                       max_queue_size=max_queue_size, version=step.version)  # fmt: skip
         """Small images of concurrent calls, decoded together (no model: no statistics of its own)."""
@@ -91,17 +81,19 @@ class ImageEncoder:
         """Stop the decode batcher."""
         await self.decoder.aclose()
 
-    async def decode(self, images: Sequence[bytes], names: Sequence[str], *, deadline: float | None = None,
-                     lone: bool = False) -> list[np.ndarray | Exception]:  # fmt: skip
-        """Decode and preprocess images: small ones in the decode batcher, large ones each in a thread hop."""
+    async def decode(self, images: Sequence[bytes], *, deadline: float | None = None,
+                     lone: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Decode and preprocess images: small ones in the decode batcher, large ones in a thread hop of their own.
+
+        Returns the pixels, row for row (zeros where an image failed), and each row's error or None.
+        """
+        batch = np.empty(len(images), dtype=object)
+        batch[:] = images
         if all(len(image) <= INLINE_DECODE_BYTES for image in images):
-            batch = np.empty(len(images), dtype=object)
-            batch[:] = images
             out = await self.decoder.submit({"image": batch}, deadline=deadline, lone=lone)
-            return [InvalidInputError(f"{name}: {error}") if error is not None else pixels
-                    for name, pixels, error in zip(names, out["pixels"], out["error"], strict=True)]  # fmt: skip
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _decode_all, images, self.preprocessing, self.limits, names)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(self.executor, self._decode, {"image": batch})
+        return out["pixels"], out["error"]
 
     async def features(self, images: Sequence[bytes], *, deadline: float | None, lone: bool = False,
                        noun: str = "item") -> Features:  # fmt: skip
@@ -112,18 +104,19 @@ class ImageEncoder:
 
         async def compute(indices: list[int]) -> Features:
             started = time.perf_counter()
-            decoded = await self.decode([images[i] for i in indices], [f"{noun} {i}" for i in indices],
-                                        deadline=deadline, lone=lone)  # fmt: skip
+            pixels, failed = await self.decode([images[i] for i in indices], deadline=deadline, lone=lone)
             if call is not None:
                 call.step("decode", started, **{"fusionserve.images": len(indices)})
-            good = [(i, d) for i, d in zip(indices, decoded, strict=True) if not isinstance(d, Exception)]
-            errors = {i: d for i, d in zip(indices, decoded, strict=True) if isinstance(d, Exception)}
+            errors: dict[int, Exception] = {
+                i: InvalidInputError(f"{noun} {i}: {e}") for i, e in zip(indices, failed, strict=True) if e is not None
+            }
+            good = [k for k, e in enumerate(failed) if e is None]
             if not good:
                 return {}, errors
-            batch = np.stack([d for _, d in good])
+            batch = pixels if len(good) == len(indices) else pixels[good]  # no copy when all decoded
             out = await self.batcher.submit({self.step.inputs[0]: batch}, deadline=deadline, lone=lone)
             rows = out[self.step.output]
-            return {i: rows[k] for k, (i, _) in enumerate(good)}, errors
+            return {indices[k]: rows[j] for j, k in enumerate(good)}, errors
 
         return await self.cached.features(images, compute)
 
