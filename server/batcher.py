@@ -117,7 +117,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._busy = False  # work arrived while the last batch was running
-        self._running = False
+        self._running = False  # the consumer has a batch in hand (gathering it, running it, answering it)
         self.batches_run = 0
         self.items_run = 0
         # Models whose runs take less than this (moving average) run on the event loop itself:
@@ -166,7 +166,8 @@ class DynamicBatcher:
         """Queue one call's rows (all inputs share the first dimension) and await its outputs.
 
         ``lone`` says the caller is the only request in flight: a short run then happens on the
-        event loop itself, saving a thread hop (nobody else needs the loop meanwhile).
+        event loop itself, saving a thread hop (nobody else needs the loop meanwhile), and at once when
+        the batcher is idle, without passing through the queue.
 
         Raises:
             InvalidInputError: more rows than ``max_batch_size``; a ragged input's rows not 1 to
@@ -192,6 +193,8 @@ class DynamicBatcher:
             if value is not None and (value.ndim < 2 or not 1 <= value.shape[1] <= ragged.max_length):
                 raise InvalidInputError(f"model {self.name!r}: input {name!r} takes rows of 1 to {ragged.max_length} "
                                         f"values, [N, 1…{ragged.max_length}], got {list(value.shape)}")  # fmt: skip
+        if lone and not self._running and not self._queue and self._short(self.inline_idle_below_s):
+            return self._run_alone(_Work(inputs, size, None, deadline, lone, 0, current_call()))  # type: ignore[arg-type]
         room = self._room.fit(size)
         if not self._room.try_enter(room):
             await self._room.enter(room, deadline)
@@ -229,26 +232,35 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch: list[_Work] = []
-            rows = self._take(batch, 0)
-            # Waiting longer than one run takes cannot pay off: the items it gathers would have
-            # formed the next batch anyway. So the wait is capped by the model's own run time.
-            wait_s = min(self.max_queue_delay_s, self._avg_compute_s or 0.0)
-            if self._busy and rows < self.max_batch_size and wait_s > 0:
-                until = loop.time() + wait_s
-                # A timer that sets the wakeup event, not wait_for: that would make a task per wait.
-                timer = loop.call_at(until, self._wakeup.set)
-                try:
-                    while rows < self.max_batch_size and loop.time() < until:
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
-                        rows = self._take(batch, rows)
-                        if self._queue:  # the next item does not fit: run what we have
-                            break
-                finally:
-                    timer.cancel()
-            self._busy = bool(self._queue) or len(batch) > 1
-            await self._run_batch(batch, loop)
+            self._running = True  # a batch in hand, from here to its answers: a lone caller queues behind it
+            try:
+                await self._gather_and_run(loop)
+            finally:
+                self._running = False
+
+    async def _gather_and_run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take queued work, wait for more when the model has been busy, and run it as one batch."""
+        assert self._wakeup is not None
+        batch: list[_Work] = []
+        rows = self._take(batch, 0)
+        # Waiting longer than one run takes cannot pay off: the items it gathers would have
+        # formed the next batch anyway. So the wait is capped by the model's own run time.
+        wait_s = min(self.max_queue_delay_s, self._avg_compute_s or 0.0)
+        if self._busy and rows < self.max_batch_size and wait_s > 0:
+            until = loop.time() + wait_s
+            # A timer that sets the wakeup event, not wait_for: that would make a task per wait.
+            timer = loop.call_at(until, self._wakeup.set)
+            try:
+                while rows < self.max_batch_size and loop.time() < until:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    rows = self._take(batch, rows)
+                    if self._queue:  # the next item does not fit: run what we have
+                        break
+            finally:
+                timer.cancel()
+        self._busy = bool(self._queue) or len(batch) > 1
+        await self._run_batch(batch, loop)
 
     async def _run_batch(self, batch: list[_Work], loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
@@ -282,53 +294,86 @@ class DynamicBatcher:
         else:
             merged = {n: _merge([w.inputs[n] for w in live], self.ragged.get(n)) for n in names}
         rows = sum(w.size for w in live)
-        self._running = True
         # Inline when the run is cheaper than a thread hop, or when a lone caller is waiting on a
         # short run (nothing else needs the loop then).
-        avg = self._avg_compute_s
         lone = len(live) == 1 and live[0].lone and not self._queue
-        inline = avg is not None and (avg < self.inline_below_s or (lone and avg < self.inline_idle_below_s))
-        failure: Exception | None = None
+        inline = self._short(self.inline_below_s) or (lone and self._short(self.inline_idle_below_s))
         try:
             if inline:
                 outputs, run_s = self._timed_run(merged)
             else:
                 outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, merged)
-        except Exception as e:
-            failure = e
-        finally:
-            self._running = False
-        if failure is not None:
+        except Exception as failure:
             if len(live) > 1:
                 for work in live:
                     if not work.future.done():
                         await self._execute([work], loop)
                 return
-            if not isinstance(failure, InvalidInputError):
-                logger.error("model %r failed on a batch of %d", self.name, rows, exc_info=failure)
+            self._log_failure(failure, rows)
             if not live[0].future.done():
                 live[0].future.set_exception(failure)
             return
         compute_s = time.perf_counter() - started
+        error = self._account(rows, outputs, run_s, compute_s)
+        offset, leader = 0, None
+        for work in live:
+            end = offset + work.size
+            if work.future.done():
+                pass
+            elif error is not None:
+                work.future.set_exception(error)
+            else:
+                work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+                if work.call is not None:
+                    leader = work.call.batched(self, work.enqueued, started, compute_s, rows, len(live), leader)
+            offset = end
+
+    def _run_alone(self, work: _Work) -> dict[str, np.ndarray]:
+        """A lone caller's short run, on the loop at once: no queue, no consumer task, no future.
+
+        Raises what the run raises, or the error of a run that returned the wrong number of rows.
+        """
+        if work.deadline is not None and asyncio.get_running_loop().time() >= work.deadline:
+            raise DeadlineExceededError(f"model {self.name!r}: deadline passed before the run")
+        started = time.perf_counter()
+        if self.stats.on_queue_time:
+            self.stats.on_queue_time(started - work.enqueued)
+        try:
+            outputs, run_s = self._timed_run(dict(work.inputs))
+        except Exception as failure:
+            self._log_failure(failure, work.size)
+            raise
+        compute_s = time.perf_counter() - started
+        error = self._account(work.size, outputs, run_s, compute_s)
+        if error is not None:
+            raise error
+        if work.call is not None:
+            work.call.batched(self, work.enqueued, started, compute_s, work.size, 1, None)
+        return outputs
+
+    def _short(self, below_s: float) -> bool:
+        """The model's runs take less than ``below_s`` (moving average; unknown before its first run)."""
+        return self._avg_compute_s is not None and self._avg_compute_s < below_s
+
+    def _log_failure(self, failure: Exception, rows: int) -> None:
+        if not isinstance(failure, InvalidInputError):  # a caller's bad values are the caller's to hear of
+            logger.error("model %r failed on a batch of %d", self.name, rows, exc_info=failure)
+
+    def _account(self, rows: int, outputs: Mapping[str, np.ndarray], run_s: float,
+                 compute_s: float) -> RuntimeError | None:  # fmt: skip
+        """After a run: its time in the moving average, its rows checked, the counters and statistics.
+
+        Returns the error for every caller of the batch when the model returned the wrong number of rows.
+        """
         self._avg_compute_s = run_s if self._avg_compute_s is None else 0.8 * self._avg_compute_s + 0.2 * run_s
         if any(len(v) != rows for v in outputs.values()):
             error = RuntimeError(
                 f"model {self.name!r} returned {({k: len(v) for k, v in outputs.items()})} rows for a batch of {rows}"
             )
             logger.error("%s", error)
-            for work in live:
-                if not work.future.done():
-                    work.future.set_exception(error)
-            return
+            return error
         self.batches_run += 1
         self.items_run += rows
         if self.stats.on_batch:
             self.stats.on_batch(rows, compute_s)
-        offset, leader = 0, None
-        for work in live:
-            end = offset + work.size
-            if not work.future.done():
-                work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
-                if work.call is not None:
-                    leader = work.call.batched(self, work.enqueued, started, compute_s, rows, len(live), leader)
-            offset = end
+        return None

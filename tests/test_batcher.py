@@ -36,6 +36,11 @@ class Recorder:
         """Let the held run, and every later one, go on."""
         self._gate.set()
 
+    def hold(self) -> None:
+        """Hold the next run (and every later one) until :meth:`release`; ``started`` is set when it begins."""
+        self.started.clear()
+        self._gate.clear()
+
     def __call__(self, inputs):
         self.started.set()
         x = inputs["x"]
@@ -280,3 +285,44 @@ async def test_tiny_models_run_on_the_loop_and_slow_ones_in_the_executor():
             assert threads[0] == "pool_0"  # the first run is measured in the executor
             assert threads[-1] == expected
             await b.aclose()
+
+
+def answered_without_the_loop_turning(coro):
+    """Drive ``coro`` one step: its result if it finished without suspending once, else None (then closed)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    return None
+
+
+async def test_a_lone_callers_short_run_on_an_idle_batcher_is_answered_at_once_and_counted():
+    rec = Recorder()
+    b = await make(rec)
+    seen: list[tuple[int, float]] = []
+    b.stats.on_batch = lambda items, seconds: seen.append((items, seconds))
+    await b.submit({"x": np.array([[1.0]])}, lone=True)  # the first run measures the model
+    out = answered_without_the_loop_turning(b.submit({"x": np.array([[3.0]])}, lone=True))
+    assert out is not None and out["y"].tolist() == [[6.0]]  # no queue, no consumer task, no future
+    assert answered_without_the_loop_turning(b.submit({"x": np.array([[3.0]])})) is None  # not lone: queued
+    assert [items for items, _ in seen] == [1, 1] and b.batches_run == 2
+    await b.aclose()
+
+
+async def test_a_lone_caller_queues_behind_a_batch_in_hand_and_hears_a_failure_of_its_own():
+    rec = Recorder()
+    b = await make(rec)
+    await b.submit({"x": np.array([[0.0]])})  # the first run measures the model
+    rec.hold()
+    first = await running(rec, b, 1.0)  # a batch in hand: in the executor
+    b.inline_idle_below_s = 1.0  # the model counts as short for a lone caller
+    behind = asyncio.ensure_future(b.submit({"x": np.array([[2.0]])}, lone=True))
+    await asyncio.sleep(0.01)
+    assert not behind.done() and len(rec.batches) == 2  # it did not overtake the batch in hand
+    rec.release()
+    assert (await first)["y"].tolist() == [[2.0]] and (await behind)["y"].tolist() == [[4.0]]
+    rec.fail = True
+    with pytest.raises(RuntimeError, match="exploded"):
+        answered_without_the_loop_turning(b.submit({"x": np.array([[2.0]])}, lone=True))
+    await b.aclose()
