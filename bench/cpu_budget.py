@@ -18,7 +18,8 @@ defaults otherwise. For each caller count:
 
     python bench/cpu_budget.py [--callers 1 32] [--duration-s 8] [--repository REPO] [--smoke]
 
-Prints one table per caller count (µs of server CPU per item, and the share of it); writes
+Prints the idle server's CPU a second (its own timers), then one table per caller count (µs of server
+CPU per item, and the share of it; the mean batch of each model); writes
 ``bench/results/cpu_budget[-smoke].json``. py-spy comes from PyPI (installed into this venv when
 missing); it samples 100 times a second, stopping the server for a moment each time, which is why
 the profile has a window of its own, after the exact one.
@@ -59,7 +60,7 @@ LOOP_CATEGORIES = (
     ("metrics", ("server/metrics.py", "server/model_totals.py", "prometheus_client", "server/tracking.py")),
     ("V2 request decoding", ("decode_inputs", "v2_codec.py", "pipeline_items", "check_request_parameters")),
     ("response building", ("encode_response", "pipeline_outputs", "classify_response", "fill_contents", "to_raw")),
-    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header", "_decode_all")),
+    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header", "decoder.<locals>")),
     ("tokenising", ("Vocabulary.encode", "text_to_word_sequence", "pad_sequences")),
     ("embedding cache", ("embedding_cache.py",)),
     ("onnxruntime on the loop", ("runtime.py", "onnxruntime")),
@@ -139,6 +140,24 @@ def _compute_s(server: ServerProcess) -> dict[str, float]:
     return {m: total for m, (total, _) in server.histogram("fusionserve_compute_time_seconds").items()}
 
 
+def _batches(server: ServerProcess) -> dict[str, tuple[float, float]]:
+    """(items, batches) run so far, per model."""
+    return server.histogram("fusionserve_batch_size")
+
+
+def _machine_idle_s() -> float:
+    """Seconds all the machine's CPUs have been idle so far (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_ms_per_s(server: ServerProcess, duration_s: float) -> float:
+    """The server's CPU while nobody calls it (its own timers: metrics, the lag watch), ms per second."""
+    before = server.cpu_seconds()
+    time.sleep(duration_s)
+    return (server.cpu_seconds() - before) / duration_s * 1000
+
+
 def _items(server: ServerProcess) -> float:
     return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal"}')
 
@@ -157,14 +176,16 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     raw = Path(tempfile.mkdtemp()) / "profile.raw"
     names = _python_thread_names(server.pid)
 
-    def snapshot() -> tuple[dict[str, float], float, dict[str, float], float]:
-        return _thread_cpu_s(server.pid, names), _items(server), _compute_s(server), time.monotonic()
+    def snapshot() -> tuple[dict[str, float], float, dict[str, float], dict[str, tuple[float, float]], float]:
+        return _thread_cpu_s(server.pid, names), _items(server), _compute_s(server), _batches(server), time.monotonic()
 
     # First the exact figures, with nothing else looking; then the profile (py-spy stops the server
     # a hundred times a second, which would bend the first).
-    cpu0, items0, compute0, wall0 = snapshot()
+    cpu0, items0, compute0, batches0, wall0 = snapshot()
+    idle0, client0 = _machine_idle_s(), server.cpu_seconds(driver.pid)
     time.sleep(duration_s)
-    cpu1, items1, compute1, wall1 = snapshot()
+    idle1, client1 = _machine_idle_s(), server.cpu_seconds(driver.pid)
+    cpu1, items1, compute1, batches1, wall1 = snapshot()
     if profile:
         command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
                    str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
@@ -178,6 +199,13 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     compute = {m: compute1[m] - compute0.get(m, 0.0) for m in compute1 if compute1[m] > compute0.get(m, 0.0)}
     ort_us = by_thread.get("onnxruntime runs", 0.0)
     row["onnxruntime_us_per_item_by_model"] = {m: ort_us * c / sum(compute.values()) for m, c in compute.items()}
+    runs = {m: (batches1[m][0] - batches0.get(m, (0, 0))[0], batches1[m][1] - batches0.get(m, (0, 0))[1])
+            for m in batches1}  # fmt: skip
+    row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
+    window = wall1 - wall0
+    row["cores"] = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
+                    "idle": idle1 - idle0}  # fmt: skip
+    row["cores"] = {k: v / window for k, v in row["cores"].items()}
     if profile and raw.is_file():
         shares = _loop_profile(raw, server.pid)
         row["event_loop_us_per_item_by_task"] = {c: share * by_thread.get("event loop", 0.0) for c, share in
@@ -188,6 +216,8 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
 def report(row: dict[str, Any]) -> None:
     total = row["us_per_item"]
     print(f"\n{row['callers']} caller(s): {row['items_per_s']:.0f} items/s, {total:.0f} µs of server CPU per item")
+    print("  mean batch: " + ", ".join(f"{m} {v:.1f}" for m, v in sorted(row["mean_batch_by_model"].items())))
+    print("  cores: " + ", ".join(f"{k} {v:.2f}" for k, v in row["cores"].items()) + f" (of {os.cpu_count()})")
     lines = [(f"thread: {g}", v) for g, v in row["threads_us_per_item"].items()]
     lines += [(f"  onnxruntime: {m}", v) for m, v in row["onnxruntime_us_per_item_by_model"].items()]
     lines += [(f"  event loop: {c}", v) for c, v in row.get("event_loop_us_per_item_by_task", {}).items()]
@@ -212,12 +242,16 @@ def main() -> int:
         return 1
     rows = []
     with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:
+        time.sleep(2.0)  # done starting
+        idle = idle_cpu_ms_per_s(server, 1.0 if args.smoke else 5.0)
+        print(f"idle: {idle:.1f} ms of server CPU a second")
         for callers in args.callers:
             # py-spy needs to attach to another process (ptrace), which a CI container may not allow.
             row = measure(server, callers, duration_s, profile=not (args.no_profile or args.smoke), tool=tool)
             report(row)
             rows.append(row)
-    payload = {"machine": machine(), "duration_s": duration_s, "server_args": args.server_arg, "rows": rows}
+    payload = {"machine": machine(), "duration_s": duration_s, "server_args": args.server_arg,
+               "idle_cpu_ms_per_s": idle, "rows": rows}  # fmt: skip
     path = write(result_name("cpu_budget", smoke=args.smoke), payload)
     print("\nwrote", path)
     print(json.dumps({r["callers"]: round(r["us_per_item"]) for r in rows}))
