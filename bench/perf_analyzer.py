@@ -119,6 +119,10 @@ def input_data(path: Path, n: int = 16) -> Path:
     return path
 
 
+RUN_TIMEOUT_S = 600
+"""perf_analyzer's longest run: up to 10 windows until three agree, each a few seconds."""
+
+
 def run_one(
     binary: Path, env: dict[str, str], target: str, model: str, concurrency: int, args: argparse.Namespace, data: Path,
     api: str = "unary", extra: Sequence[str] = (),
@@ -136,9 +140,14 @@ def run_one(
     if api == "stream":
         cmd.append("--streaming")
     cmd += extra
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     row: dict[str, Any] = {"model": model, "concurrency": concurrency, "api": api,
-                           "command": " ".join(cmd[:1] + cmd[3:]), "exit_status": done.returncode}  # fmt: skip
+                           "command": " ".join(cmd[:1] + cmd[3:])}  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a server that died under a stream leaves perf_analyzer waiting
+        row["exit_status"], row["error"] = None, f"no result in {RUN_TIMEOUT_S} s: did the server die?"
+        return row
+    row["exit_status"] = done.returncode
     if done.returncode != 0 or not csv_path.is_file():
         row["error"] = (done.stdout + done.stderr).strip()[-2000:]
         return row
