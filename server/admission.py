@@ -236,18 +236,30 @@ class Backlog:
     A reading costs the loop about as much as half a call, so it reads every ``LAG_INTERVAL_S`` while
     the lag is under the target and every ``LAG_READ_S`` once it is over (:attr:`next_read_s`): a
     flood's lag counts at most two intervals after it began.
+
+    Calls gRPC received but never handed over (shed from a full accept queue, ``max_pending_rpcs``)
+    would count as waiting forever. The loop runs these readings, so it would take up any call really
+    waiting: when a reading finds the same count over, and none taken up since the last, those calls
+    are not waiting and are left out from then on (as many as are still over later readings).
     """
 
     def __init__(self, taken: int, now: float) -> None:
         self.pace: float | None = None
         """Calls a second the loop took up while some waited (None until calls have waited)."""
         self._taken, self._since = taken, now  # the last reading
+        self._over = 0  # received - taken at the last reading
+        self._lost = 0  # calls gRPC received and never handed over (see above): not waiting
         self._waiting_since: float | None = None  # calls have waited since at most this time
         self._behind_since: float | None = None  # since when the lag has been over the target
 
     def read(self, received: int, taken: int, now: float) -> float:
         """One more reading of the two counts at ``now``; the lag the door should count (0: none that stands)."""
-        waiting = max(0, received - taken)
+        over = max(0, received - taken)
+        self._lost = min(self._lost, over)  # never more than are over now
+        if over == self._over and taken == self._taken:  # the loop took nothing up, yet as many are over
+            self._lost = over
+        self._over = over
+        waiting = over - self._lost
         lag_s = 0.0
         if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
             sample = (taken - self._taken) / (now - self._since)

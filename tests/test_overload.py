@@ -198,6 +198,23 @@ def test_the_count_is_read_seldom_while_calm_and_often_once_behind_and_a_flood_s
     assert backlog.next_read_s == LAG_INTERVAL_S
 
 
+def test_calls_grpc_never_handed_over_stop_counting_as_waiting_and_a_later_flood_still_counts():
+    backlog, received, taken, now = Backlog(0, 0.0), 0, 0, 0.0
+    received, taken, now = 40, 10, now + TICK_S  # gRPC shed 30 of a burst of 40 from its accept queue
+    backlog.read(received, taken, now)
+    for _ in range(3):  # quiet: nothing received, nothing taken up, the 30 still over
+        now += TICK_S
+        lag = backlog.read(received, taken, now)
+    assert lag == 0.0 and backlog.next_read_s == LAG_INTERVAL_S
+    for _ in range(50):  # light load afterwards, taken up as it comes: no lag
+        received, taken, now = received + 3, taken + 3, now + TICK_S
+        assert backlog.read(received, taken, now) == 0.0
+    for _ in range(20):  # a flood: 2,000 calls/s received, 1,000 taken up
+        received, taken, now = received + 40, taken + 20, now + TICK_S
+        lag = backlog.read(received, taken, now)
+    assert lag == pytest.approx((20 * 20) / 1000, rel=0.05)  # its own 400 waiting, not 430
+
+
 def test_a_loop_held_up_for_a_moment_is_not_taken_for_a_loop_seconds_behind():
     """While the loop is held up (another process has the CPU) it takes nothing up: a pace near zero."""
     backlog, received, taken, now = Backlog(0, 0.0), 0, 0, 0.0
@@ -389,3 +406,8 @@ def test_calls_grpc_sheds_from_its_accept_queue_are_counted(repository):
         codes = [code for code, _, _ in results]
         assert codes.count("CANCELLED") >= 30 and set(codes) <= {"OK", "CANCELLED"}, codes
         assert received() - before == 40
+        # The shed calls never reach the loop: they must not count as calls waiting for it, for ever.
+        time.sleep(0.5)  # the loop's readings see the burst, then see it stand still
+        for _ in range(20):  # a second
+            assert srv.server.core.admission.lag_s == 0, f"a lag of {srv.server.core.admission.lag_s:.1f} s"
+            time.sleep(0.05)
