@@ -194,6 +194,7 @@ class DynamicBatcher:
                 raise InvalidInputError(f"model {self.name!r}: input {name!r} takes rows of 1 to {ragged.max_length} "
                                         f"values, [N, 1…{ragged.max_length}], got {list(value.shape)}")  # fmt: skip
         if lone and not self._running and not self._queue and self._short(self.inline_idle_below_s):
+            self._busy = False  # a lone caller: no crowd to wait for the next time
             return self._run_alone(_Work(inputs, size, None, deadline, lone, 0, current_call()))  # type: ignore[arg-type]
         room = self._room.fit(size)
         if not self._room.try_enter(room):
