@@ -40,6 +40,7 @@ batchers).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import random
@@ -70,6 +71,8 @@ LAG_INTERVAL_S = 0.1
 """How long the lag must stand over the target before the door counts it."""
 PACE_SMOOTHING = 0.3
 """Weight of a new sample of the pace at which the loop takes calls up (exponential moving average)."""
+HISTORY = 512
+"""Readings kept to date the call at the head of the queue: 10 s of them while behind, 51 s otherwise."""
 LAG_READ_S = 0.02
 """How often the calls waiting for the loop are counted while the lag is over the target (to see it stand).
 Otherwise they are counted every ``LAG_INTERVAL_S``: one count (a channelz read) takes the loop 0.5-0.8 ms."""
@@ -226,11 +229,15 @@ class Backlog:
 
     Read periodically with two running counts: the calls gRPC received (channelz) and the calls the
     loop took up. The calls waiting are the difference; the lag is that many over the pace the loop
-    took calls up at while some waited (smoothed), but never more than calls have been waiting at all.
-    A loop held up for a moment (another process taking the CPU, an export in the same process) takes
-    calls up at a pace near zero meanwhile, and waiting ÷ that pace would predict many seconds; yet no
-    call waiting now has waited longer than the backlog's age, and once the loop runs again it takes
-    calls up at its own pace. Only a lag that has stood over ``LAG_TARGET_S`` for ``LAG_INTERVAL_S``
+    took calls up at while some waited (smoothed), but never more than the call at the head of the
+    queue has waited. A loop held up for a moment (another process taking the CPU, an export in the
+    same process) takes calls up at a pace near zero meanwhile, and waiting ÷ that pace would predict
+    many seconds; yet once the loop runs again it takes calls up at its own pace, and the head call's
+    wait is what a call just taken up really waited. gRPC's queue is first come, first served, so
+    the head call arrived after the last reading whose count of calls received was no more than the
+    calls taken up (:meth:`_head_waited_s`). While a flood grows, this trails a new call's wait (by
+    as much as calls arrive faster than they are taken up); once the queue stands, the two agree.
+    Only a lag that has stood over ``LAG_TARGET_S`` for ``LAG_INTERVAL_S``
     counts (CoDel's interval): a burst the loop takes up soon is no flood.
 
     A reading costs the loop about as much as half a call, so it reads every ``LAG_INTERVAL_S`` while
@@ -249,7 +256,8 @@ class Backlog:
         self._taken, self._since = taken, now  # the last reading
         self._over = 0  # received - taken at the last reading
         self._lost = 0  # calls gRPC received and never handed over (see above): not waiting
-        self._waiting_since: float | None = None  # calls have waited since at most this time
+        self._history: collections.deque[tuple[float, int]] = collections.deque([(now, taken)], maxlen=HISTORY)
+        """(time, calls received) of recent readings, oldest first."""
         self._behind_since: float | None = None  # since when the lag has been over the target
 
     def read(self, received: int, taken: int, now: float) -> float:
@@ -264,18 +272,28 @@ class Backlog:
         if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
             sample = (taken - self._taken) / (now - self._since)
             self.pace = sample if self.pace is None else (1 - PACE_SMOOTHING) * self.pace + PACE_SMOOTHING * sample
-            if self._waiting_since is None:  # none waited at the last reading: these came after it
-                self._waiting_since = self._since
-            lag_s = min(waiting / max(self.pace, 1.0), now - self._waiting_since)
-        else:
-            self._waiting_since = None
+            lag_s = min(waiting / max(self.pace, 1.0), self._head_waited_s(taken + self._lost, now))
         if lag_s <= LAG_TARGET_S:
             self._behind_since = None
         elif self._behind_since is None:
             self._behind_since = now
         self._taken, self._since = taken, now
+        self._history.append((now, received))
         standing = self._behind_since is not None and now - self._behind_since >= LAG_INTERVAL_S
         return lag_s if standing else 0.0
+
+    def _head_waited_s(self, handled: int, now: float) -> float:
+        """How long the first call not yet handled (taken up or lost) has waited, at most.
+
+        It arrived after the last reading that counted no more calls received than ``handled``; when
+        every recent reading counted more, it has waited at least since the oldest of them.
+        """
+        since = self._history[0][0]
+        for at, received in reversed(self._history):
+            if received <= handled:
+                since = at
+                break
+        return now - since
 
     @property
     def next_read_s(self) -> float:
