@@ -237,8 +237,8 @@ class Backlog:
     the head call arrived after the last reading whose count of calls received was no more than the
     calls taken up (:meth:`_head_waited_s`). While a flood grows, this trails a new call's wait (by
     as much as calls arrive faster than they are taken up); once the queue stands, the two agree.
-    Only a lag that has stood over ``LAG_TARGET_S`` for ``LAG_INTERVAL_S``
-    counts (CoDel's interval): a burst the loop takes up soon is no flood.
+    Only a lag that has stood over ``LAG_TARGET_S`` for ``LAG_INTERVAL_S`` counts (CoDel's
+    interval): a burst the loop takes up soon is no flood.
 
     A reading costs the loop about as much as half a call, so it reads every ``LAG_INTERVAL_S`` while
     the lag is under the target and every ``LAG_READ_S`` once it is over (:attr:`next_read_s`): a
@@ -253,31 +253,30 @@ class Backlog:
     def __init__(self, taken: int, now: float) -> None:
         self.pace: float | None = None
         """Calls a second the loop took up while some waited (None until calls have waited)."""
-        self._taken, self._since = taken, now  # the last reading
-        self._over = 0  # received - taken at the last reading
+        self._taken = taken  # at the last reading
         self._lost = 0  # calls gRPC received and never handed over (see above): not waiting
         self._history: collections.deque[tuple[float, int]] = collections.deque([(now, taken)], maxlen=HISTORY)
-        """(time, calls received) of recent readings, oldest first."""
+        """(time, calls received) of recent readings, oldest first; the last is the last reading's."""
         self._behind_since: float | None = None  # since when the lag has been over the target
 
     def read(self, received: int, taken: int, now: float) -> float:
         """One more reading of the two counts at ``now``; the lag the door should count (0: none that stands)."""
+        since, received_before = self._history[-1]
         over = max(0, received - taken)
         self._lost = min(self._lost, over)  # never more than are over now
-        if over == self._over and taken == self._taken:  # the loop took nothing up, yet as many are over
-            self._lost = over
-        self._over = over
+        if over == max(0, received_before - self._taken) and taken == self._taken:
+            self._lost = over  # the loop took nothing up, yet as many are over
         waiting = over - self._lost
         lag_s = 0.0
         if waiting:  # the loop had calls to take up all along: how fast it took them is its pace
-            sample = (taken - self._taken) / (now - self._since)
+            sample = (taken - self._taken) / (now - since)
             self.pace = sample if self.pace is None else (1 - PACE_SMOOTHING) * self.pace + PACE_SMOOTHING * sample
             lag_s = min(waiting / max(self.pace, 1.0), self._head_waited_s(taken + self._lost, now))
         if lag_s <= LAG_TARGET_S:
             self._behind_since = None
         elif self._behind_since is None:
             self._behind_since = now
-        self._taken, self._since = taken, now
+        self._taken = taken
         self._history.append((now, received))
         standing = self._behind_since is not None and now - self._behind_since >= LAG_INTERVAL_S
         return lag_s if standing else 0.0
