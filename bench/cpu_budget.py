@@ -202,10 +202,9 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     runs = {m: (batches1[m][0] - batches0.get(m, (0, 0))[0], batches1[m][1] - batches0.get(m, (0, 0))[1])
             for m in batches1}  # fmt: skip
     row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
-    window = wall1 - wall0
-    row["cores"] = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
-                    "idle": idle1 - idle0}  # fmt: skip
-    row["cores"] = {k: v / window for k, v in row["cores"].items()}
+    used = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
+            "idle": idle1 - idle0}  # fmt: skip
+    row["cores"] = {k: seconds / (wall1 - wall0) for k, seconds in used.items()}
     if profile and raw.is_file():
         shares = _loop_profile(raw, server.pid)
         row["event_loop_us_per_item_by_task"] = {c: share * by_thread.get("event loop", 0.0) for c, share in
