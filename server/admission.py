@@ -75,7 +75,7 @@ HISTORY = 512
 """Readings kept to date the call at the head of the queue: 10 s of them while behind, 51 s otherwise."""
 LAG_READ_S = 0.02
 """How often the calls waiting for the loop are counted while the lag is over the target (to see it stand).
-Otherwise they are counted every ``LAG_INTERVAL_S``: one count (a channelz read) takes the loop 0.5-0.8 ms."""
+Otherwise they are counted every ``LAG_INTERVAL_S``: one count (a channelz read) takes the loop about 0.8 ms."""
 
 
 class OverloadedError(QueueFullError):

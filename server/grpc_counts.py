@@ -4,8 +4,8 @@ Calls gRPC sheds from a full accept queue (``max_pending_rpcs``) never reach the
 no request counter of ours sees them; gRPC core still counts every call it started. Comparing the
 two tells how many calls gRPC itself turned away. ``calls_started`` reads that count, for the
 ``fusionserve_grpc_calls_received`` gauge and the door's estimate of the loop's lag (server/admission.py).
-A read is not cheap: it renders the server's channelz JSON while holding the GIL, 0.15 ms for a bare
-grpc.aio server and 0.5-0.75 ms of CPU in fusionserve's, idle or under load (measured on the 2-core machine).
+A read is not cheap: it renders the server's channelz JSON while holding the GIL, about 0.8 ms of CPU
+in fusionserve's (bench/cpu_budget.py's idle figure with 50 and with 10 reads a second).
 
 channelz's Python entry point lives in grpcio's Cython module (``grpc._cython.cygrpc``): the
 official ``grpcio-channelz`` servicer calls the same functions. Where it is missing, the gauge is
