@@ -10,16 +10,18 @@ once. Both answer the same 64 samples first; any difference over 1e-5 fails the 
 Then Triton's ``perf_analyzer`` (bench/perf_analyzer.py installs it) drives each server on the real job
 (``multimodal``: a PNG and a caption per call, V2 unary and streaming) at 1, 8, 32 and 128 concurrent
 calls: fusionserve with one process and with ``--workers 2`` (embedding cache off: every item is
-computed), PyTriton with its dynamic batcher waiting 2 ms and 0 ms for a batch. The raw pipeline (the
-same sessions called in-process, decode and tokenise included, no server) gives the floor one caller
-can reach.
+computed), PyTriton with its dynamic batcher waiting 2 ms and 0 ms for a batch, and the floor of any
+Python gRPC server here: grpc.aio answering fusionserve's recorded answer with no work
+(bench/_grpc_floor.py). The raw pipeline (the same sessions called in-process, decode and tokenise
+included, no server) gives the floor one caller can reach without gRPC.
 
     python bench/peers.py [--callers 1 8 32 128] [--apis unary stream] [--window-ms 3000]
                           [--repository REPO]
 
-Prints infer/s and p50/p99 per server, API and caller count, and the ratios to the best PyTriton
-variant; writes ``bench/results/peers.json``. Not part of CI's smoke run (it installs Triton and takes
-about ten minutes); the figures and the command are in docs/BENCHMARKS.md.
+Prints infer/s and p50/p99 per server, API and caller count, the ratios to the best PyTriton variant,
+and one caller's p50 beside the raw pipeline's; writes ``bench/results/peers.json``. Not part of CI's
+smoke run (it installs Triton and takes about ten minutes, ten more when PyTriton dies under a
+load); the figures and the command are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from typing import Any
 import numpy as np
 import perf_analyzer as pa
 from _common import RESULTS, ServerProcess, machine, repository, samples, write
+from _grpc_floor import FloorServer, pb, record
 from overhead import RawPipeline, bench_raw
+
+from fusionserve.v2_codec import serialize_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = RESULTS / "peers-venv"
@@ -204,6 +209,15 @@ def answers(target: str, items: list[tuple[bytes, str]]) -> np.ndarray:
     return np.stack(out)
 
 
+def infer_request(image: bytes, text: str) -> pb.ModelInferRequest:
+    """The V2 request perf_analyzer sends for one sample (IMAGE and TEXT as BYTES, every output)."""
+    request = pb.ModelInferRequest(model_name="multimodal")
+    for name, value in (("IMAGE", image), ("TEXT", text.encode())):
+        request.inputs.add(name=name, datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.append(serialize_bytes([value]))
+    return request
+
+
 def sweep(name: str, target: str, args: argparse.Namespace, tool: pa.Tool,
           extra: tuple[str, ...] = ()) -> list[dict]:  # fmt: skip
     """perf_analyzer at every caller count and API against one server (``extra``: more of its arguments)."""
@@ -239,8 +253,8 @@ def main() -> int:
         return 1
 
     raw = RawPipeline(repo)
-    floor = bench_raw(raw, items, 1, 3.0, gap_s=0.001)
-    print(f"raw pipeline, one item at a time (decode and tokenise included): p50 {floor['p50_ms']:.2f} ms")
+    lone_raw = bench_raw(raw, items, 1, 3.0, gap_s=0.001)
+    print(f"raw pipeline, one item at a time (decode and tokenise included): p50 {lone_raw['p50_ms']:.2f} ms")
 
     rows: list[dict[str, Any]] = []
     want = None
@@ -250,7 +264,11 @@ def main() -> int:
             got = answers(server.target, items)
             want = got if want is None else want
             print(f"{name}: answers equal within {np.abs(got - want).max():.1e}")
+            if workers == "1":  # the floor's answers: this server's
+                recorded = record(server.target, "multimodal", infer_request(*items[0]))
             rows += sweep(name, server.target, args, tool)
+    with FloorServer(recorded) as floor:
+        rows += sweep(floor.name, floor.target, args, tool, ("-x", floor.version))
     for delay_us in PYTRITON_DELAYS_US:
         peer = Peer(repo, delay_us)
         try:
@@ -271,17 +289,17 @@ def main() -> int:
                     if r["api"] == api and r["concurrency"] == callers}  # fmt: skip
             best_peer = max(v for k, v in mine.items() if k.startswith("PyTriton"))
             for server, value in mine.items():
-                if server.startswith("fusionserve") and best_peer:
+                if not server.startswith("PyTriton") and best_peer:
                     ratios[f"{server} {api} {callers}"] = value / best_peer
                     print(f"  {server:<24} {api:<7} {callers:>4}: {value / best_peer:5.2f}x")
-    lone = [r for r in rows
-            if r["server"] == "fusionserve, 1 process" and r["api"] == "unary" and r["concurrency"] == 1]  # fmt: skip
-    if lone and "error" not in lone[0]:
-        above = lone[0]["p50 latency"] / 1e3 - floor["p50_ms"]
-        print(f"one caller: fusionserve p50 {lone[0]['p50 latency'] / 1e3:.2f} ms, {above:.2f} ms above the raw "
-              f"pipeline's {floor['p50_ms']:.2f} ms")  # fmt: skip
+    for server in ("fusionserve, 1 process", FloorServer.name):
+        lone = [r for r in rows if r["server"] == server and r["api"] == "unary" and r["concurrency"] == 1]
+        if lone and "error" not in lone[0]:
+            p50_ms = lone[0]["p50 latency"] / 1e3
+            print(f"one caller: {server} p50 {p50_ms:.2f} ms ({p50_ms - lone_raw['p50_ms']:+.2f} ms beside the raw "
+                  f"pipeline's {lone_raw['p50_ms']:.2f} ms)")  # fmt: skip
     path = write("peers", {"machine": machine(), "settings": vars(args) | {"repository": str(repo)},
-                           "raw_pipeline": floor, "rows": rows, "ratios": ratios})  # fmt: skip
+                           "raw_pipeline": lone_raw, "rows": rows, "ratios": ratios})  # fmt: skip
     print("wrote", path)
     return 1 if any("error" in r for r in rows) else 0
 
