@@ -42,7 +42,7 @@ from _common import RESULTS, ServerProcess, machine, repository, samples, write
 from _grpc_floor import FloorServer, pb, record
 from overhead import RawPipeline, bench_raw
 
-from fusionserve.v2_codec import serialize_bytes
+from fusionserve.v2_codec import add_raw_input, object_array
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = RESULTS / "peers-venv"
@@ -213,8 +213,7 @@ def infer_request(image: bytes, text: str) -> pb.ModelInferRequest:
     """The V2 request perf_analyzer sends for one sample (IMAGE and TEXT as BYTES, every output)."""
     request = pb.ModelInferRequest(model_name="multimodal")
     for name, value in (("IMAGE", image), ("TEXT", text.encode())):
-        request.inputs.add(name=name, datatype="BYTES", shape=[1, 1])
-        request.raw_input_contents.append(serialize_bytes([value]))
+        add_raw_input(request, name, object_array([value]).reshape(1, 1))
     return request
 
 
