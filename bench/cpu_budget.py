@@ -6,15 +6,16 @@ with the server; bench/perf_analyzer.py installs it); the server is one ``fusion
 defaults otherwise. For each caller count:
 
 1. **CPU per item, by thread** (exact, in a window of its own): each server thread's CPU time from
-   ``/proc``, grouped by what the thread is (the event loop; onnxruntime's runs; image decoding;
+   ``/proc``, grouped by what the thread is (the event loop; the pipeline's batches: decoding and models;
    gRPC core's own threads, which receive and send the calls), divided by the items served.
 2. **The event loop's share, by what it was doing** (sampled, in a second window of the same load):
    ``py-spy record --native`` on the server; each sample of the loop's thread is put in the first category whose
    frame it holds (gRPC and protobuf in Python, V2 request decoding, image decoding, tokenising, the
    batchers' hand-offs, the response, metrics, ...), and the loop's exact CPU is split in those
    proportions. Samples of the loop waiting in ``epoll`` are idle time, not CPU.
-3. **onnxruntime's share, by model**: its threads' CPU split by the models' own compute time
-   (``fusionserve_compute_time_seconds``).
+3. **The models' share**: each model's own run time (``fusionserve_compute_time_seconds``) per item.
+   A pipeline runs its models in its batch threads (the ``preprocess`` pool, beside decoding); the
+   thread's CPU less the models' runs is decoding and assembling the batch.
 
     python bench/cpu_budget.py [--callers 1 32] [--duration-s 8] [--repository REPO] [--smoke]
 
@@ -47,8 +48,8 @@ from _common import ServerProcess, machine, repository, result_name, write
 # OS's (gRPC core's own threads have no Python side).
 THREAD_GROUPS = (
     ("event loop", ("MainThread",)),
-    ("onnxruntime runs", ("onnxruntime",)),
-    ("image decoding threads", ("preprocess",)),
+    ("pipeline batches: decoding and the models", ("preprocess",)),
+    ("tensor models' runs", ("onnxruntime",)),
     ("gRPC's completion-queue poller (Python)", ("Thread-1 (_poll_wrapper)", "_poll_wrapper")),
     ("asyncio's default executor", ("asyncio_",)),
     ("metrics HTTP server", ("serve_forever",)),
@@ -60,14 +61,13 @@ LOOP_CATEGORIES = (
     ("metrics", ("server/metrics.py", "server/model_totals.py", "prometheus_client", "server/tracking.py")),
     ("V2 request decoding", ("decode_inputs", "v2_codec.py", "pipeline_items", "check_request_parameters")),
     ("response building", ("encode_response", "pipeline_outputs", "classify_response", "fill_contents", "to_raw")),
-    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header", "decoder.<locals>")),
+    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header")),
     ("tokenising", ("Vocabulary.encode", "text_to_word_sequence", "pad_sequences")),
     ("embedding cache", ("embedding_cache.py",)),
     ("onnxruntime on the loop", ("runtime.py", "onnxruntime")),
-    ("batchers: queues, batches, hand-offs", ("server/batcher.py", "server/room.py", "run_in_executor",
-                                              "concurrent/futures")),
-    ("pipeline and core", ("server/pipeline.py", "server/encoders.py", "server/core.py", "server/admission.py",
-                           "server/registry.py")),
+    ("batchers: queues, batches, hand-offs", ("server/batcher.py", "server/pipeline_batch.py", "server/room.py",
+                                              "run_in_executor", "concurrent/futures")),
+    ("pipeline and core", ("server/pipeline.py", "server/core.py", "server/admission.py", "server/registry.py")),
     ("servicers and error interceptor", ("server/v2_servicer.py", "server/typed_servicer.py", "server/grpc_errors.py",
                                          "server/call_limit.py", "server/streams.py")),
     ("protobuf (Python side)", ("FromString", "SerializeToString", "google/protobuf", "_message")),
@@ -197,8 +197,7 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     row: dict[str, Any] = {"callers": callers, "items": items, "items_per_s": items / (wall1 - wall0),
                            "us_per_item": sum(by_thread.values()), "threads_us_per_item": by_thread}  # fmt: skip
     compute = {m: compute1[m] - compute0.get(m, 0.0) for m in compute1 if compute1[m] > compute0.get(m, 0.0)}
-    ort_us = by_thread.get("onnxruntime runs", 0.0)
-    row["onnxruntime_us_per_item_by_model"] = {m: ort_us * c / sum(compute.values()) for m, c in compute.items()}
+    row["model_runs_us_per_item"] = {m: c / items * 1e6 for m, c in compute.items()}
     runs = {m: (batches1[m][0] - batches0.get(m, (0, 0))[0], batches1[m][1] - batches0.get(m, (0, 0))[1])
             for m in batches1}  # fmt: skip
     row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
@@ -218,7 +217,7 @@ def report(row: dict[str, Any]) -> None:
     print("  mean batch: " + ", ".join(f"{m} {v:.1f}" for m, v in sorted(row["mean_batch_by_model"].items())))
     print("  cores: " + ", ".join(f"{k} {v:.2f}" for k, v in row["cores"].items()) + f" (of {os.cpu_count()})")
     lines = [(f"thread: {g}", v) for g, v in row["threads_us_per_item"].items()]
-    lines += [(f"  onnxruntime: {m}", v) for m, v in row["onnxruntime_us_per_item_by_model"].items()]
+    lines += [(f"  model runs: {m}", v) for m, v in row["model_runs_us_per_item"].items()]
     lines += [(f"  event loop: {c}", v) for c, v in row.get("event_loop_us_per_item_by_task", {}).items()]
     for name, value in lines:
         print(f"  {name:<58}{value:8.0f} µs {100 * value / total:5.1f}%")

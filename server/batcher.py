@@ -15,6 +15,11 @@ call's rows at the back to the longest (see :class:`Ragged`).
 When a merged batch fails, its requests are run again one by one instead of all receiving the
 error: a failure caused by one caller's values (onnxruntime refusing an out-of-range index, say)
 then reaches only that caller, and a failure of the model itself still reaches everyone.
+
+The queueing policy does not depend on what a call's work is: a subclass that batches other work
+than named tensors (a pipeline's jobs, server/pipeline_batch.py) gives its own :meth:`~DynamicBatcher._merged`,
+:meth:`~DynamicBatcher._answers` and :meth:`~DynamicBatcher._traced`, and queues with
+:meth:`~DynamicBatcher._submit`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +47,7 @@ RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 @dataclass
 class _Work:
-    inputs: Mapping[str, np.ndarray]
+    inputs: Any  # one call's named tensors (or, in a subclass, its job)
     size: int
     future: asyncio.Future
     deadline: float | None  # loop.time() by which the caller needs the answer
@@ -193,6 +199,12 @@ class DynamicBatcher:
             if value is not None and (value.ndim < 2 or not 1 <= value.shape[1] <= ragged.max_length):
                 raise InvalidInputError(f"model {self.name!r}: input {name!r} takes rows of 1 to {ragged.max_length} "
                                         f"values, [N, 1…{ragged.max_length}], got {list(value.shape)}")  # fmt: skip
+        return await self._submit(inputs, size, deadline, lone)
+
+    async def _submit(self, inputs: Any, size: int, deadline: float | None, lone: bool) -> Any:
+        """Queue one call's work of ``size`` rows (checked by the caller) and await its answer (see :meth:`submit`)."""
+        if self._closed or self._task is None:
+            raise ModelNotReadyError(f"model {self.name!r} is not serving")
         if lone and not self._running and not self._queue and self._short(self.inline_idle_below_s):
             self._busy = False  # a lone caller: no crowd to wait for the next time
             return self._run_alone(_Work(inputs, size, None, deadline, lone, 0, current_call()))  # type: ignore[arg-type]
@@ -289,11 +301,7 @@ class DynamicBatcher:
         When a merged batch fails, each request runs again on its own (see the module docstring).
         """
         started = time.perf_counter()
-        names = list(live[0].inputs)
-        if len(live) == 1:
-            merged = dict(live[0].inputs)
-        else:
-            merged = {n: _merge([w.inputs[n] for w in live], self.ragged.get(n)) for n in names}
+        merged = self._merged(live)
         rows = sum(w.size for w in live)
         # Inline when the run is cheaper than a thread hop, or when a lone caller is waiting on a
         # short run (nothing else needs the loop then).
@@ -315,21 +323,52 @@ class DynamicBatcher:
                 live[0].future.set_exception(failure)
             return
         compute_s = time.perf_counter() - started
-        error = self._account(rows, outputs, run_s, compute_s)
-        offset, leader = 0, None
-        for work in live:
-            end = offset + work.size
+        self._account(rows, run_s, compute_s)
+        self._ran(outputs, live)
+        answers = self._answers(outputs, live)
+        leader = None
+        for work, answer in zip(live, answers, strict=True):
             if work.future.done():
                 pass
-            elif error is not None:
-                work.future.set_exception(error)
+            elif isinstance(answer, Exception):
+                work.future.set_exception(answer)
             else:
-                work.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+                work.future.set_result(answer)
                 if work.call is not None:
-                    leader = work.call.batched(self, work.enqueued, started, compute_s, rows, len(live), leader)
-            offset = end
+                    leader = self._traced(work, outputs, started, compute_s, rows, len(live), leader)
 
-    def _run_alone(self, work: _Work) -> dict[str, np.ndarray]:
+    # ---- what a call's work is: named tensors here, overridden for other work -----------------
+    def _merged(self, live: list[_Work]) -> Any:
+        """The run's input: the calls' tensors concatenated on axis 0 (ragged ones padded first)."""
+        if len(live) == 1:
+            return dict(live[0].inputs)
+        return {n: _merge([w.inputs[n] for w in live], self.ragged.get(n)) for n in live[0].inputs}
+
+    def _answers(self, outputs: Any, live: list[_Work]) -> list[Any]:
+        """Each call's answer (or error) from the run's outputs: its rows of each output."""
+        rows = sum(w.size for w in live)
+        if any(len(v) != rows for v in outputs.values()):
+            error = RuntimeError(
+                f"model {self.name!r} returned {({k: len(v) for k, v in outputs.items()})} rows for a batch of {rows}"
+            )
+            logger.error("%s", error)
+            return [error] * len(live)
+        answers, offset = [], 0
+        for work in live:
+            answers.append({k: v[offset : offset + work.size] for k, v in outputs.items()})
+            offset += work.size
+        return answers
+
+    def _ran(self, outputs: Any, live: list[_Work]) -> None:
+        """After a run that worked, before the answers: nothing here (a pipeline's batch counts each model's part)."""
+
+    def _traced(self, work: _Work, outputs: Any, started: float, run_s: float, rows: int, calls: int,
+                leader: Any) -> Any:  # fmt: skip
+        """Tell the call's record (tracing, access log) which batch its work rode in; returns the batch's leader."""
+        assert work.call is not None
+        return work.call.batched(self, work.enqueued, started, run_s, rows, calls, leader)
+
+    def _run_alone(self, work: _Work) -> Any:
         """A lone caller's short run, on the loop at once: no queue, no consumer task, no future.
 
         Raises what the run raises, or the error of a run that returned the wrong number of rows.
@@ -340,17 +379,19 @@ class DynamicBatcher:
         if self.stats.on_queue_time:
             self.stats.on_queue_time(started - work.enqueued)
         try:
-            outputs, run_s = self._timed_run(dict(work.inputs))
+            outputs, run_s = self._timed_run(self._merged([work]))
         except Exception as failure:
             self._log_failure(failure, work.size)
             raise
         compute_s = time.perf_counter() - started
-        error = self._account(work.size, outputs, run_s, compute_s)
-        if error is not None:
-            raise error
+        self._account(work.size, run_s, compute_s)
+        self._ran(outputs, [work])
+        (answer,) = self._answers(outputs, [work])
+        if isinstance(answer, Exception):
+            raise answer
         if work.call is not None:
-            work.call.batched(self, work.enqueued, started, compute_s, work.size, 1, None)
-        return outputs
+            self._traced(work, outputs, started, compute_s, work.size, 1, None)
+        return answer
 
     def _short(self, below_s: float) -> bool:
         """The model's runs take less than ``below_s`` (moving average; unknown before its first run)."""
@@ -360,21 +401,20 @@ class DynamicBatcher:
         if not isinstance(failure, InvalidInputError):  # a caller's bad values are the caller's to hear of
             logger.error("model %r failed on a batch of %d", self.name, rows, exc_info=failure)
 
-    def _account(self, rows: int, outputs: Mapping[str, np.ndarray], run_s: float,
-                 compute_s: float) -> RuntimeError | None:  # fmt: skip
-        """After a run: its time in the moving average, its rows checked, the counters and statistics.
-
-        Returns the error for every caller of the batch when the model returned the wrong number of rows.
-        """
+    def _account(self, rows: int, run_s: float, compute_s: float) -> None:
+        """After a run: its time in the moving average, the counters and statistics."""
         self._avg_compute_s = run_s if self._avg_compute_s is None else 0.8 * self._avg_compute_s + 0.2 * run_s
-        if any(len(v) != rows for v in outputs.values()):
-            error = RuntimeError(
-                f"model {self.name!r} returned {({k: len(v) for k, v in outputs.items()})} rows for a batch of {rows}"
-            )
-            logger.error("%s", error)
-            return error
         self.batches_run += 1
         self.items_run += rows
         if self.stats.on_batch:
             self.stats.on_batch(rows, compute_s)
-        return None
+
+    def record(self, rows: int, run_s: float, queued_s: list[float]) -> None:
+        """A run of this model made outside its queue (in a pipeline's batch), counted as its own runs are.
+
+        ``queued_s``: how long each call's work in that batch had waited before the run.
+        """
+        self._account(rows, run_s, run_s)
+        if self.stats.on_queue_time:
+            for waited in queued_s:
+                self.stats.on_queue_time(waited)

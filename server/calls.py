@@ -80,10 +80,10 @@ class Call:
                             {"fusionserve.model": model, "fusionserve.model.version": version,
                              "fusionserve.items": items})  # fmt: skip
 
-    def step(self, name: str, started: float, **attributes: Any) -> None:
-        """A step of this call that began at ``started`` has just ended (decode, tokenise, cache lookup)."""
+    def step(self, name: str, started: float, ended: float | None = None, **attributes: Any) -> None:
+        """A step of this call that began at ``started`` ended at ``ended``, or now (decode, tokenise, cache lookup)."""
         if self.trace is not None:
-            self.trace.span(name, started, time.perf_counter(), attributes)
+            self.trace.span(name, started, time.perf_counter() if ended is None else ended, attributes)
 
     def batched(self, batcher: DynamicBatcher, enqueued: float, started: float, run_s: float, rows: int,
                 calls: int, leader: Any) -> Any:  # fmt: skip
@@ -96,11 +96,17 @@ class Call:
         self.queue_s += started - enqueued
         if self.trace is None:
             return leader
-        model = {"fusionserve.model": batcher.name, "fusionserve.model.version": batcher.version}
-        self.trace.span(f"queue {batcher.name}", enqueued, started, model)
+        self.trace.span(f"queue {batcher.name}", enqueued, started,
+                        {"fusionserve.model": batcher.name, "fusionserve.model.version": batcher.version})  # fmt: skip
+        return self.ran(batcher, started, run_s, rows, calls, leader)
+
+    def ran(self, batcher: DynamicBatcher, started: float, run_s: float, rows: int, calls: int, leader: Any) -> Any:
+        """The call's rows ran in a batch of ``batcher``'s model (see :meth:`batched`, which queues too)."""
+        if self.trace is None:
+            return leader
         batch = self.trace.span(f"batch {batcher.name}", started, started + run_s, {
-            **model, "fusionserve.batch.size": rows, "fusionserve.batch.calls": calls,
-            "fusionserve.provider": batcher.provider,
+            "fusionserve.model": batcher.name, "fusionserve.model.version": batcher.version,
+            "fusionserve.batch.size": rows, "fusionserve.batch.calls": calls, "fusionserve.provider": batcher.provider,
         }, link=leader)  # fmt: skip
         return batch if leader is None else leader
 

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from fusionserve.server.metrics import Metrics
 
 ENTRY_OVERHEAD_BYTES = 256  # key tuple, digest, array header and dictionary slot, per entry (measured: ~230)
 Key = tuple[str, int, bytes, bytes]  # model, version, settings digest, input digest
-Compute = Callable[[list[int]], Awaitable[tuple[dict[int, np.ndarray], dict[int, Exception]]]]
 
 
 class EmbeddingCache:
@@ -82,10 +81,7 @@ class _Abandoned(Exception):
 
 
 class CachedEncoder:
-    """One encoder of one model version behind the cache.
-
-    ``features`` answers per item, computing only the inputs nobody has (and each of those once).
-    """
+    """One encoder of one model version behind the cache: :meth:`lookup` sorts a call's inputs."""
 
     def __init__(self, model: str, version: int, preprocessing: object, cache: EmbeddingCache | None,
                  metrics: Metrics) -> None:  # fmt: skip
@@ -95,84 +91,109 @@ class CachedEncoder:
         self.settings = hashlib.blake2b(repr(preprocessing).encode(), digest_size=8).digest()
         self.cache = cache
         self.metrics = metrics
-        self._inflight: dict[Key, asyncio.Future[np.ndarray]] = {}
+        self.inflight: dict[Key, asyncio.Future[np.ndarray]] = {}
+        """Inputs some call is computing now: later calls wait for them instead of computing them again."""
 
     def key(self, material: bytes) -> Key:
         """The cache key of one input, given as the bytes that identify it."""
         return (self.model, self.version, self.settings, hashlib.blake2b(material, digest_size=16).digest())
 
-    async def features(
-        self, materials: Sequence[bytes], compute: Compute
-    ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
-        """Each item's output (or its error), by index.
-
-        Args:
-            materials: per item, the bytes its key is made of.
-            compute: run the encoder on the items at these indices (one of each distinct input);
-                returns their outputs and their per-item errors.
-        """
-        if not materials:  # a call of the other modality only: nothing to compute (an empty batch is refused)
-            return {}, {}
-        if self.cache is None:
-            return await compute(list(range(len(materials))))
+    def lookup(self, materials: Sequence[bytes]) -> Lookup:
+        """One call's inputs (per item, the bytes its key is made of) sorted: found, to compute, or in flight."""
+        lookup = Lookup(self)
+        if self.cache is None or not materials:
+            lookup.todo = {i: [i] for i in range(len(materials))}
+            return lookup
         started = time.perf_counter()
-        keys = [self.key(m) for m in materials]
-        found: dict[int, np.ndarray] = {}
-        mine: dict[Key, list[int]] = {}  # inputs this call computes: their positions
-        theirs: dict[int, asyncio.Future[np.ndarray]] = {}  # inputs another call is computing
-        for i, key in enumerate(keys):
+        for i, material in enumerate(materials):
+            key = self.key(material)
             value = self.cache.get(key)
             if value is not None:
-                found[i] = value
-            elif key in mine:
-                mine[key].append(i)
-            elif key in self._inflight:
-                theirs[i] = self._inflight[key]
+                lookup.found[i] = value
+            elif key in lookup.todo:
+                lookup.todo[key].append(i)
+            elif key in self.inflight:
+                lookup.theirs[i] = (key, self.inflight[key])
             else:
-                mine[key] = [i]
-                self._inflight[key] = asyncio.get_running_loop().create_future()
-        self.metrics.cache_lookup(self.model, hits=len(found), misses=len(keys) - len(found),
+                lookup.todo[key] = [i]
+                lookup.owned.add(key)
+                self.inflight[key] = asyncio.get_running_loop().create_future()
+        hits = len(lookup.found)
+        self.metrics.cache_lookup(self.model, hits=hits, misses=len(materials) - hits,
                                   seconds=time.perf_counter() - started)  # fmt: skip
         if (call := current_call()) is not None:
             call.step(f"cache {self.model}", started, **{"fusionserve.model": self.model,
-                      "fusionserve.cache.hits": len(found), "fusionserve.cache.misses": len(keys) - len(found)})
-        errors: dict[int, Exception] = {}
-        if mine:
-            await self._compute(mine, compute, found, errors)
-        for i, future in theirs.items():
-            try:
-                found[i] = await asyncio.shield(future)
-            except _Abandoned:
-                values, errs = await compute([i])
-                found.update(values)
-                errors.update(errs)
-            except Exception as e:  # the same input failed for the call that computed it
-                errors[i] = e
-        return found, errors
+                      "fusionserve.cache.hits": hits, "fusionserve.cache.misses": len(materials) - hits})
+        return lookup
 
-    async def _compute(self, mine: dict[Key, list[int]], compute: Compute, found: dict[int, np.ndarray],
-                       errors: dict[int, Exception]) -> None:  # fmt: skip
-        done = False
-        try:
-            values, errs = await compute([positions[0] for positions in mine.values()])
-            for key, positions in mine.items():
-                future = self._inflight.pop(key)
-                if positions[0] in values:
-                    value = values[positions[0]]
-                    assert self.cache is not None
-                    self.cache.put(key, value)
+
+class Lookup:
+    """One call's inputs to one encoder, by index: ``found``, ``todo`` (to compute), or ``theirs`` (in flight).
+
+    ``todo`` holds each distinct input once; ``theirs`` are being computed by another call (:meth:`wait`).
+    The call computes :meth:`compute`'s indices and hands the outputs to :meth:`store`; :meth:`close`
+    (always, at the end) tells calls waiting on inputs this call did not compute to compute them themselves.
+    """
+
+    def __init__(self, encoder: CachedEncoder) -> None:
+        self.encoder = encoder
+        self.found: dict[int, np.ndarray] = {}
+        self.errors: dict[int, Exception] = {}
+        self.todo: dict[Key | int, list[int]] = {}  # an input (its key) → the indices that hold it
+        self.theirs: dict[int, tuple[Key, asyncio.Future[np.ndarray]]] = {}
+        self.owned: set[Key] = set()  # inputs this call announced it computes (other calls may wait on them)
+
+    def compute(self) -> list[int]:
+        """The indices to compute: one of each distinct input nobody had."""
+        return [indices[0] for indices in self.todo.values()]
+
+    def computed_as(self) -> dict[int, int]:
+        """For each index of ``todo`` that repeats an earlier one's input, the index computed for both."""
+        return {i: indices[0] for indices in self.todo.values() for i in indices[1:]}
+
+    def store(self, values: dict[int, np.ndarray], errors: Mapping[int, Exception]) -> None:
+        """The outputs (or errors) of :meth:`compute`'s indices, given to each index with the same input.
+
+        Outputs go into the cache too; calls waiting for these inputs get them (or the error).
+        """
+        cache, inflight = self.encoder.cache, self.encoder.inflight
+        for key, indices in self.todo.items():
+            value = values.get(indices[0])
+            if value is not None:
+                self.found.update(dict.fromkeys(indices, value))
+                if cache is not None and not isinstance(key, int):
+                    cache.put(key, value)
+            else:
+                self.errors.update(dict.fromkeys(indices, errors[indices[0]]))
+            if key in self.owned:
+                self.owned.discard(key)  # type: ignore[arg-type]
+                future = inflight.pop(key)  # type: ignore[arg-type]
+                if value is not None:
                     future.set_result(value)
-                    found.update(dict.fromkeys(positions, value))
                 else:
-                    error = errs[positions[0]]
-                    future.set_exception(error)
+                    future.set_exception(errors[indices[0]])
                     future.exception()  # retrieved: a waiter may or may not come
-                    errors.update(dict.fromkeys(positions, error))
-            done = True
-        finally:
-            if not done:  # cancelled, or the model failed: waiters must not hang on it
-                for key in mine:
-                    pending = self._inflight.pop(key) if key in self._inflight else None
-                    if pending is not None and not pending.done():
-                        pending.set_exception(_Abandoned())
-                        pending.exception()  # mark retrieved: nobody may be waiting
+        self.todo = {}
+
+    async def wait(self) -> None:
+        """The inputs other calls were computing, when they are done; one whose call gave up joins ``todo``."""
+        for i, (key, future) in self.theirs.items():
+            try:
+                self.found[i] = await asyncio.shield(future)
+            except _Abandoned:
+                self.todo.setdefault(key, []).append(i)
+            except Exception as e:  # the same input failed for the call that computed it
+                self.errors[i] = e
+        self.theirs = {}
+
+    def close(self) -> None:
+        """Give up the inputs this call announced and did not compute: their waiters compute them themselves.
+
+        (The call was cancelled, ran out of time, or a model failed.)
+        """
+        for key in self.owned:
+            pending = self.encoder.inflight.pop(key, None)
+            if pending is not None and not pending.done():
+                pending.set_exception(_Abandoned())
+                pending.exception()  # mark retrieved: nobody may be waiting
+        self.owned = set()

@@ -297,7 +297,8 @@ class ModelControl:
         for name in {*self.registry.names(), *self.metrics.serving_names()}:
             ready = [e for e in self.registry.entries() if e.name == name and e.state == READY]
             self.metrics.serving(name, max((e.version for e in ready), default=0))
-            batchers = [e.batcher for e in self.registry.entries() if e.name == name and e.batcher is not None]
+            batchers = [e.pipeline.batcher if e.pipeline is not None else e.batcher for e in self.registry.entries()
+                        if e.name == name and (e.batcher or e.pipeline) is not None]  # fmt: skip
             self.metrics.watch(self.metrics.queued.labels(name), lambda b=batchers: sum(x.queued_items for x in b))
 
     def index(self) -> list[tuple[str, str, str, str]]:

@@ -20,13 +20,13 @@ import numpy as np
 
 from fusionserve.errors import DeviceUnavailableError, RepositoryError
 from fusionserve.preprocess import encode_png
-from fusionserve.repository import DATATYPES, ModelConfig, load_config, variable_length, version_dir
+from fusionserve.repository import ModelConfig, load_config, variable_length, version_dir
 from fusionserve.server.batcher import DynamicBatcher, Ragged
 from fusionserve.server.embedding_cache import EmbeddingCache
-from fusionserve.server.encoders import ImageEncoder, TextEncoder
 from fusionserve.server.limits import Limits
 from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import MultimodalPipeline
+from fusionserve.server.pipeline_batch import PipelineBatcher, PipelineRun, Stage
 from fusionserve.server.pipeline_config import resolve
 from fusionserve.server.registry import FAILED, READY, ModelEntry, ModelRegistry
 from fusionserve.server.runtime import OnnxModel
@@ -124,17 +124,21 @@ async def load_pipeline(
         plan = resolve(config, {m: s.config for m, s in steps.items() if s.config}, version_dir(repo, config.name,
                                                                                                config.version))
         image, text, fusion = (steps[step.model] for step in plan.steps)
-        assert image.batcher and text.batcher and fusion.batcher
+        assert image.model and text.model and fusion.model and image.batcher and text.batcher and fusion.batcher
         max_batch_size = settings.max_batch_size or config.max_batch_size
-        images = ImageEncoder(plan.image, image.batcher, plan.image_preprocessing, limits, executor, cache, metrics,
-                              max_batch_size=max_batch_size, max_queue_size=settings.max_pipeline_items)  # fmt: skip
-        await images.start()
+        run = PipelineRun(Stage("image", plan.image, image.model.run, image.batcher),
+                          Stage("text", plan.text, text.model.run, text.batcher),
+                          Stage("fusion", plan.fusion, fusion.model.run, fusion.batcher), plan.image_preprocessing,
+                          limits, plan.vocabulary.cut if plan.cut_text else None)  # fmt: skip
+        batcher = PipelineBatcher(config.name, run, executor, version=config.version, max_batch_size=max_batch_size,
+                                  max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                                  max_queue_size=settings.max_queue_size)  # fmt: skip
+        await batcher.start()
         entry.pipeline = MultimodalPipeline(
             plan=plan,
-            images=images,
-            texts=TextEncoder(plan.text, text.batcher, plan.vocabulary, cache, metrics, DATATYPES[plan.token_datatype],
-                              cut=plan.cut_text),
-            fusion=fusion.batcher,
+            batcher=batcher,
+            cache=cache,
+            metrics=metrics,
             limits=limits,
             max_batch_size=max_batch_size,
             max_inflight_items=settings.max_pipeline_items,
@@ -157,7 +161,7 @@ async def close(entry: ModelEntry) -> None:
     if entry.batcher is not None:
         await entry.batcher.aclose()
     if entry.pipeline is not None:
-        await entry.pipeline.image_encoder.aclose()
+        await entry.pipeline.aclose()
     entry.batcher = entry.model = entry.pipeline = None
 
 

@@ -276,8 +276,9 @@ class Metrics:
         self.items.labels(model).inc(rows)
         totals = self.totals_of(model)
         totals.executed(rows, seconds)
-        # No queue of its own (its steps queue, in their own totals), but counted as queued once with
-        # no wait, as Triton counts an ensemble's requests: clients find the model's active version so.
+        # Its queue's waits are counted in its steps' totals (each step's wait for its run), but it is
+        # counted as queued once with no wait, as Triton counts an ensemble's requests: clients find the
+        # model's active version so.
         totals.queued(0.0)
 
     def observe(self, model: str, api: str, code: str, seconds: float) -> None:

@@ -1,47 +1,32 @@
 """The ``multimodal`` pipeline: encoded image + text → probabilities and label (or fused features).
 
-Both encoders (server/encoders.py: decode or tokenise, the embedding cache, the batchers) run
-concurrently, then the fusion model (batched too). ``rank`` scores one query against candidates of
-the other modality, encoding the query once, by the probability of the plan's positive label. Tensor
-names, image size and preprocessing, token length and padding, labels and whether the fusion model
-outputs classes or features come from the pipeline's :class:`~fusionserve.server.pipeline_config.PipelinePlan`.
+A call is checked, admitted (``max_pipeline_items``), tokenised and looked up in the embedding cache
+on the event loop; what is left to compute goes as one job to the pipeline's batcher
+(server/pipeline_batch.py), which decodes, runs both encoders and fuses for many calls in one thread
+hop. ``rank`` scores one query against candidates of the other modality, encoding the query once, by
+the probability of the plan's positive label. Tensor names, image size and preprocessing, token length
+and padding, labels and whether the fusion model outputs classes or features come from the pipeline's
+:class:`~fusionserve.server.pipeline_config.PipelinePlan`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
 from fusionserve.errors import FusionServeError, InvalidInputError
-from fusionserve.server.batcher import DynamicBatcher
-from fusionserve.server.encoders import ImageEncoder, TextEncoder
+from fusionserve.repository import DATATYPES
+from fusionserve.server.calls import current as current_call
+from fusionserve.server.embedding_cache import CachedEncoder, EmbeddingCache, Lookup
 from fusionserve.server.limits import Limits
+from fusionserve.server.metrics import Metrics
+from fusionserve.server.pipeline_batch import Job, PipelineBatcher
 from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.server.room import Room
-
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Await two coroutines concurrently, as ``asyncio.gather`` does with one task fewer (a call's hot path).
-
-    ``first`` runs as a task while ``second`` runs in the caller; if ``second`` fails, ``first`` is
-    cancelled and awaited, so nothing is left running or unretrieved.
-    """
-    task = asyncio.ensure_future(first)
-    try:
-        b = await second
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    return await task, b
 
 
 def no_classes_error() -> InvalidInputError:
@@ -99,27 +84,51 @@ class Ranking:
     positive_label: str
 
 
+@dataclass
+class Worked:
+    """What one call's work gave, by the call's own indices: features, bad images, fused rows by pair."""
+
+    images: dict[int, np.ndarray]
+    image_errors: dict[int, InvalidInputError]
+    texts: dict[int, np.ndarray]
+    fused: dict[int, np.ndarray]
+
+
 class MultimodalPipeline:
-    """Runs image encoder ∥ text encoder → fusion for a batch of (image bytes, text) items."""
+    """Runs (image bytes, text) items through decode and both encoders, then fusion, as jobs of one batcher."""
 
     def __init__(
         self,
         *,
         plan: PipelinePlan,
-        images: ImageEncoder,
-        texts: TextEncoder,
-        fusion: DynamicBatcher,
+        batcher: PipelineBatcher,
+        cache: EmbeddingCache | None,
+        metrics: Metrics,
         limits: Limits,
         max_batch_size: int,
         max_inflight_items: int,
     ) -> None:
         self.plan = plan
-        self.image_encoder, self.text_encoder, self.fusion = images, texts, fusion
+        self.batcher = batcher
         self.labels = plan.labels
         self.limits = limits
         self.max_batch_size = max_batch_size
+        self.vocabulary = plan.vocabulary
+        self.token_dtype = DATATYPES[plan.token_datatype]  # the text encoder's id type (int64 for most PyTorch exports)
+        self.image_cache = CachedEncoder(plan.image.model, plan.image.version, plan.image_preprocessing, cache,
+                                         metrics)  # fmt: skip
+        """Keyed on the encoded image bytes."""
+        vocabulary = plan.vocabulary
+        self.text_cache = CachedEncoder(plan.text.model, plan.text.version,
+                                        (vocabulary.max_length, vocabulary.padding, vocabulary.truncating), cache,
+                                        metrics)  # fmt: skip
+        """Keyed on a caption's token ids at full length, whoever it shares a batch with."""
         self.room = Room(max_inflight_items, "the pipeline (max_pipeline_items)")
         """Items admitted at once, decoding included (``max_pipeline_items``); more wait for room."""
+
+    async def aclose(self) -> None:
+        """Stop the batcher: queued jobs fail with ModelNotReadyError."""
+        await self.batcher.aclose()
 
     def _check_texts(self, texts: Sequence[str], noun: str = "item") -> dict[int, FusionServeError]:
         errors: dict[int, FusionServeError] = {}
@@ -187,35 +196,68 @@ class MultimodalPipeline:
     ) -> PipelineResult:
         n = len(images)
         errors: dict[int, Exception] = dict(self._check_texts(texts))
-        good_texts = [i for i in range(n) if i not in errors]
+        good = [i for i in range(n) if i not in errors]  # items whose text can be encoded
         lone = self.room.held == n
-        (image_rows, image_errors), (text_rows, _) = await both(
-            self.image_encoder.features(images, deadline=deadline, lone=lone),
-            self.text_encoder.features([texts[i] for i in good_texts], deadline=deadline, lone=lone),
-        )
-        text_rows = {good_texts[k]: row for k, row in text_rows.items()}
-        errors.update({i: e for i, e in image_errors.items() if i not in errors})
+        worked = await self._work([images[i] for i in good], [texts[i] for i in good],
+                                  [(k, k) for k in range(len(good))], deadline, lone)  # fmt: skip
+        errors.update({good[k]: e for k, e in worked.image_errors.items()})
         if errors and not per_item_errors:
             first = min(errors)
             more = f" (and {len(errors) - 1} more bad items)" if len(errors) > 1 else ""
             raise InvalidInputError(f"{errors[first]}{more}")
-        ok = [i for i in range(n) if i not in errors]
+        ok = [k for k in range(len(good)) if k in worked.fused]
         if not ok:
             empty = np.zeros((0, 0), np.float32)
-            return PipelineResult(n, ok, errors, empty, empty, empty, self.labels)  # type: ignore[arg-type]
-        image_features = np.stack([image_rows[i] for i in ok])
-        text_features = np.stack([text_rows[i] for i in ok])
-        fused = await self._fuse(image_features, text_features, deadline, lone)
-        return PipelineResult(n, ok, errors, fused, image_features, text_features,  # type: ignore[arg-type]
-                              self.labels)  # fmt: skip
+            return PipelineResult(n, [], errors, empty, empty, empty, self.labels)  # type: ignore[arg-type]
+        return PipelineResult(n, [good[k] for k in ok], errors,  # type: ignore[arg-type]
+                              np.stack([worked.fused[k] for k in ok]),
+                              np.stack([worked.images[k] for k in ok]),
+                              np.stack([worked.texts[k] for k in ok]), self.labels)  # fmt: skip
 
-    async def _fuse(self, image_features: np.ndarray, text_features: np.ndarray, deadline: float | None,
-                    lone: bool = False) -> np.ndarray:  # fmt: skip
-        fusion = self.plan.fusion
-        fused = await self.fusion.submit(
-            {fusion.inputs[0]: image_features, fusion.inputs[1]: text_features}, deadline=deadline, lone=lone
-        )
-        return fused[fusion.output]
+    async def _work(self, images: Sequence[bytes], texts: Sequence[str], pairs: Sequence[tuple[int, int]],
+                    deadline: float | None, lone: bool = False, noun: str = "item") -> Worked:  # fmt: skip
+        """Features of ``images`` and ``texts`` and the fused rows of ``pairs`` (image index, text index).
+
+        What the cache has is not computed again; what another call is computing now is waited for, and
+        then the pairs are fused in a second job (one job otherwise). ``noun`` names images in errors.
+        """
+        call = current_call()
+        started = time.perf_counter()
+        tokens = self.vocabulary.encode(texts).astype(self.token_dtype, copy=False)
+        if call is not None:
+            call.saw(texts=texts, images=images)
+            if texts:
+                call.step("tokenise", started, **{"fusionserve.texts": len(texts)})
+        image_lookup = self.image_cache.lookup(images)
+        text_lookup = self.text_cache.lookup([row.tobytes() for row in tokens])
+        try:
+            waiting = bool(image_lookup.theirs or text_lookup.theirs)
+            fused = await self._job(image_lookup, text_lookup, images, tokens, () if waiting else pairs, deadline,
+                                    lone)  # fmt: skip
+            if waiting:
+                await image_lookup.wait()
+                await text_lookup.wait()
+                fused = await self._job(image_lookup, text_lookup, images, tokens, pairs, deadline, lone)
+        finally:
+            image_lookup.close()
+            text_lookup.close()
+        image_errors = {i: InvalidInputError(f"{noun} {i}: {e}") for i, e in image_lookup.errors.items()}
+        return Worked(image_lookup.found, image_errors, text_lookup.found, fused)
+
+    async def _job(self, image_lookup: Lookup, text_lookup: Lookup, images: Sequence[bytes], tokens: np.ndarray,
+                   pairs: Sequence[tuple[int, int]], deadline: float | None,
+                   lone: bool) -> dict[int, np.ndarray]:  # fmt: skip
+        """One job for what the lookups left to compute and for ``pairs``; the features go back to the lookups."""
+        image_of, text_of = image_lookup.computed_as(), text_lookup.computed_as()
+        job = Job({i: images[i] for i in image_lookup.compute()}, {t: tokens[t] for t in text_lookup.compute()},
+                  image_lookup.found, text_lookup.found,
+                  [(image_of.get(i, i), text_of.get(t, t)) for i, t in pairs])  # fmt: skip
+        if not job.size:
+            return {}
+        done = await self.batcher.run_job(job, deadline=deadline, lone=lone)
+        image_lookup.store(done.image_features, done.image_errors)
+        text_lookup.store(done.text_features, {})
+        return done.fused
 
     async def embed(
         self, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None
@@ -228,16 +270,12 @@ class MultimodalPipeline:
                 self._check_batch(count)
         async with self._admit(max(len(images), len(texts)), deadline):
             self._raise_first(self._check_texts(texts))
-            (image_rows, image_errors), (text_rows, _) = await asyncio.gather(
-                self.image_encoder.features(images, deadline=deadline),
-                self.text_encoder.features(texts, deadline=deadline),
-            )
-            self._raise_first(image_errors)
-            image_features = np.stack([image_rows[i] for i in range(len(images))]) if images else None
-            text_features = np.stack([text_rows[i] for i in range(len(texts))]) if texts else None
-            fused = None
-            if not self.plan.classifies and image_features is not None and len(images) == len(texts):
-                fused = await self._fuse(image_features, text_features, deadline)  # type: ignore[arg-type]
+            fuse = not self.plan.classifies and bool(images) and len(images) == len(texts)
+            worked = await self._work(images, texts, [(k, k) for k in range(len(images))] if fuse else [], deadline)
+            self._raise_first(worked.image_errors)
+            image_features = np.stack([worked.images[i] for i in range(len(images))]) if images else None
+            text_features = np.stack([worked.texts[i] for i in range(len(texts))]) if texts else None
+            fused = np.stack([worked.fused[k] for k in range(len(images))]) if fuse else None
             return Embeddings(image_features, text_features, fused)
 
     async def rank(
@@ -264,26 +302,18 @@ class MultimodalPipeline:
         if (images if image is not None else texts):
             raise InvalidInputError(f"the query is {'an image' if image is not None else 'a text'}: send {other} "
                                     "as candidates")  # fmt: skip
-        self._check_batch(len(candidates), f"candidate {other}")
-        async with self._admit(len(candidates) + 1, deadline):
+        n = len(candidates)
+        self._check_batch(n, f"candidate {other}")
+        async with self._admit(n + 1, deadline):
             if image is not None:
                 self._raise_first(self._check_texts(texts, "candidate"))
-                (query, query_errors), (rows, row_errors) = await asyncio.gather(
-                    self.image_encoder.features([image], deadline=deadline, noun="query"),
-                    self.text_encoder.features(texts, deadline=deadline),
-                )
+                worked = await self._work([image], texts, [(0, k) for k in range(n)], deadline, noun="query")
             else:
                 query_text = text or ""
                 self._raise_first(self._check_texts([query_text], "query"))
-                (query, query_errors), (rows, row_errors) = await asyncio.gather(
-                    self.text_encoder.features([query_text], deadline=deadline),
-                    self.image_encoder.features(images, deadline=deadline, noun="candidate"),
-                )
-            self._raise_first(query_errors, row_errors)
-            n = len(candidates)
-            repeated = np.repeat(query[0][None, :], n, axis=0)
-            stacked = np.stack([rows[i] for i in range(n)])
-            pair = (repeated, stacked) if image is not None else (stacked, repeated)
-            scores = (await self._fuse(*pair, deadline))[:, self.plan.positive]
+                worked = await self._work(images, [query_text], [(k, 0) for k in range(n)], deadline,
+                                          noun="candidate")  # fmt: skip
+            self._raise_first(worked.image_errors)
+            scores = np.stack([worked.fused[k] for k in range(n)])[:, self.plan.positive]
         order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
         return Ranking(scores, order, self.labels[self.plan.positive])

@@ -59,7 +59,7 @@ class ServerSettings:
     max_queue_delay_ms: float = 2.0
     """How long a batch may wait for more items, once the model is busy. A lone caller never waits."""
     max_queue_size: int = 512
-    """Items a model's batch queue holds; callers beyond it wait for room (at most until their
+    """Items a model's (or a pipeline's) batch queue holds; callers beyond it wait for room (at most until their
     deadline). Bounds the memory of decoded inputs and the queueing delay, never refuses."""
     queue_delay_target_ms: float = 0.0
     """Opt-in queue-time shedding: when > 0, new work that could not start within about this long is
@@ -97,7 +97,7 @@ class ServerSettings:
     """Memory for the per-modality embedding cache (encoder outputs by model version and input),
     in MiB; 0 turns it off. See docs/BENCHMARKS.md for what it saves on repeated inputs."""
     preprocess_threads: int = 2
-    """Threads that decode and resize images (OpenCV releases the GIL)."""
+    """Threads that run pipeline batches: decoding, resizing, the models (OpenCV and onnxruntime release the GIL)."""
     version_policy: Any = "latest"
     """``latest``, ``all`` or a list of versions; per model in ``model_version_policy``."""
     model_version_policy: dict[str, Any] = field(default_factory=dict)

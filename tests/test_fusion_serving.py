@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 
 from fusionserve.cli.main import main as cli_main
 from fusionserve.client import FusionClient, FusionClientError
+from fusionserve.errors import InvalidInputError
 from fusionserve.preprocess import decode_image, encode_png
-from fusionserve.server.embedding_cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache
+from fusionserve.server.embedding_cache import ENTRY_OVERHEAD_BYTES, CachedEncoder, EmbeddingCache
 from fusionserve.server.metrics import Metrics
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
@@ -44,6 +46,33 @@ def test_entries_are_read_only_copies_and_a_version_can_be_dropped():
     assert stored is not None and stored.base is None and not stored.flags.writeable  # not a view of the batch
     cache.drop("text_encoder", 1)
     assert cache.get(("text_encoder", 1, "p", b"a")) is None and cache.get(("text_encoder", 2, "p", b"a")) is not None
+
+
+async def test_a_call_waits_for_inputs_another_computes_and_computes_those_it_gave_up_on():
+    encoder = CachedEncoder("image_encoder", 1, "p", EmbeddingCache(1 << 20, Metrics()), Metrics())
+    first = encoder.lookup([b"a", b"b", b"a"])  # "a" twice in one call: computed once
+    assert first.compute() == [0, 1] and first.computed_as() == {2: 0}
+    second, third = encoder.lookup([b"a", b"c"]), encoder.lookup([b"b"])
+    assert second.compute() == [1] and list(second.theirs) == [0] and list(third.theirs) == [0]
+    waiting = asyncio.ensure_future(second.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # "a" is still being computed by the first call
+    first.store({0: np.ones(2, np.float32)}, {1: InvalidInputError("b is broken")})
+    first.close()
+    await waiting
+    assert sorted(second.found) == [0] and second.found[0][0] == 1.0  # "a", as the first call computed it
+    await third.wait()
+    assert str(third.errors[0]) == "b is broken"  # the same input fails for the call that waited on it
+    assert sorted(first.found) == [0, 2] and list(first.errors) == [1]
+    fourth, fifth = encoder.lookup([b"d"]), encoder.lookup([b"d"])
+    fourth.close()  # cancelled before it computed "d": the waiter computes "d" itself
+    await fifth.wait()
+    assert fifth.compute() == [0] and not fifth.found and not fifth.errors
+    fifth.store({0: np.zeros(2, np.float32)}, {})
+    assert encoder.lookup([b"d"]).found
+    second.close()  # "c" announced, never computed: nothing is left in flight
+    assert not encoder.inflight
+
 
 
 # ---- the cache in the server -------------------------------------------------------------------

@@ -16,13 +16,16 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
 from fusionserve.client import FusionClient, FusionClientError
+from fusionserve.preprocess import encode_png
 from fusionserve.server.prometheus_process import PrometheusProcess, dashboard_queries
 from fusionserve.v1 import fusion_pb2 as fusion
 from fusionserve.v1 import fusion_pb2_grpc as fusion_grpc
@@ -119,10 +122,17 @@ def _load(server: ServerProcess, samples, stop: threading.Event, errors: list[Ba
             typed = fusion_grpc.FusionServiceStub(channel)
             image, text = samples[0]
             burst = fusion.ClassifyRequest(items=[fusion.Item(image=image, text=text)])
+            rng = np.random.default_rng(0)
             while not stop.wait(0.2):
-                # 32 calls at once, each with 30 ms to live: the door refuses those behind more work
-                # than that (RESOURCE_EXHAUSTED, reason deadline), the refusals the dashboard shows.
-                for future in [typed.Classify.future(burst, timeout=0.03) for _ in range(32)]:
+                # Four calls of 64 images no cache has seen (no deadline), then 32 calls at once, each
+                # with 30 ms to live: the door refuses those behind more work than that
+                # (RESOURCE_EXHAUSTED, reason deadline), the refusals the dashboard shows.
+                backlog = [typed.Classify.future(fusion.ClassifyRequest(items=[
+                    fusion.Item(image=encode_png(rng.integers(0, 256, (64, 64, 3), np.uint8)), text=text)
+                    for _ in range(64)
+                ]), timeout=20) for _ in range(4)]  # fmt: skip
+                time.sleep(0.01)  # the backlog is admitted first
+                for future in [typed.Classify.future(burst, timeout=0.03) for _ in range(32)] + backlog:
                     try:
                         future.result()
                     except grpc.RpcError as e:

@@ -327,14 +327,14 @@ def test_metrics_count_what_was_served(uncached, samples):
 @pytest.mark.parametrize("limit, bound", [({"max_queue_size": 8}, 8), ({"max_pipeline_items": 16}, 16)])
 def test_a_full_queue_or_pipeline_holds_callers_back_and_answers_them_all(heavy_repository, samples, limit, bound):
     # 24 callers of 8 items each (192 items) against a bound of 8 or 16: callers wait for room, none is
-    # refused, and the image encoder's queue never holds more than the bound.
+    # refused, and the pipeline's queue never holds more than the bound.
     with RunningServer(heavy_repository, metrics_port=-1, embedding_cache_mb=0, **limit) as srv:
         stub = pb_grpc.FusionServiceStub(srv.channel())
         done, queued = threading.Event(), []
 
         def watch() -> None:
             while not done.is_set():
-                queued.append(_gauge(srv, "fusionserve_queued_items", model="image_encoder"))
+                queued.append(_gauge(srv, "fusionserve_queued_items", model="multimodal"))
                 time.sleep(0.001)
 
         def call(i: int) -> str:

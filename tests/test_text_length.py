@@ -19,9 +19,6 @@ import pytest
 from fusionserve.preprocess import Vocabulary
 from fusionserve.repository import load_config, variable_length
 from fusionserve.server.batcher import DynamicBatcher, Ragged
-from fusionserve.server.encoders import TextEncoder
-from fusionserve.server.metrics import Metrics
-from fusionserve.server.pipeline_config import Step
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from fusionserve.v2 import grpc_service_pb2 as v2pb
@@ -84,20 +81,17 @@ async def test_calls_meet_in_one_batch_cut_to_the_longest_caption_and_each_gets_
     batcher = DynamicBatcher("text_encoder", run, None, max_batch_size=64, max_queue_delay_s=0.002,
                              max_queue_size=512, ragged={"tokens": Ragged(vocab.pad_value, LENGTH)})  # fmt: skip
     await batcher.start()
-    encoder = TextEncoder(Step("text_encoder", 1, ("tokens",), "text_features"), batcher, vocab, None, Metrics(),
-                          cut=True)  # fmt: skip
     short = [c for c in captions if len(c.split()) <= LENGTH // 2]  # 1 to 12 words, shuffled
     calls = [short[:3], short[3:4], short[4:9], *[[c] for c in short[9:]]]
     shorts = [c for call in calls for c in call]
-    answers = await asyncio.gather(*(encoder.features(call, deadline=None) for call in calls))
+    answers = await asyncio.gather(*(batcher.submit({"tokens": vocab.cut(vocab.encode(call))}) for call in calls))
     await batcher.aclose()
     assert len(batches) == 1, "the calls were queued together, so they ran as one batch"
     lengths = [min(len(c.split()), LENGTH) for c in shorts]
     assert batches[0].shape == (len(shorts), max(lengths))  # cut to the longest caption, not LENGTH
     for row, n in zip(batches[0], lengths, strict=True):
         assert (row[:n] != vocab.pad_value).all() and (row[n:] == vocab.pad_value).all()
-    got = np.stack([features[i] for (features, errors), call in zip(answers, calls, strict=True)
-                    for i in range(len(call))])  # fmt: skip
+    got = np.concatenate([answer["text_features"] for answer in answers])
     np.testing.assert_allclose(got, alone(shorts), atol=ATOL)
 
 
