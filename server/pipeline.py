@@ -11,6 +11,7 @@ and padding, labels and whether the fusion model outputs classes or features com
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,6 +28,9 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline_batch import Job, PipelineBatcher
 from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.server.room import Room
+
+CROWD_HOLD_S = 0.1
+"""After calls overlapped in the pipeline, how long no call counts as lone (see MultimodalPipeline._lone)."""
 
 
 def no_classes_error() -> InvalidInputError:
@@ -125,6 +129,7 @@ class MultimodalPipeline:
         """Keyed on a caption's token ids at full length, whoever it shares a batch with."""
         self.room = Room(max_inflight_items, "the pipeline (max_pipeline_items)")
         """Items admitted at once, decoding included (``max_pipeline_items``); more wait for room."""
+        self._crowd_until = 0.0  # time.monotonic() until which no call counts as lone (see _lone)
 
     async def aclose(self) -> None:
         """Stop the batcher: queued jobs fail with ModelNotReadyError."""
@@ -197,7 +202,7 @@ class MultimodalPipeline:
         n = len(images)
         errors: dict[int, Exception] = dict(self._check_texts(texts))
         good = [i for i in range(n) if i not in errors]  # items whose text can be encoded
-        lone = self.room.held == n
+        lone = await self._lone(n)
         worked = await self._work([images[i] for i in good], [texts[i] for i in good],
                                   [(k, k) for k in range(len(good))], deadline, lone)  # fmt: skip
         errors.update({good[k]: e for k, e in worked.image_errors.items()})
@@ -213,6 +218,24 @@ class MultimodalPipeline:
                               np.stack([worked.fused[k] for k in ok]),
                               np.stack([worked.images[k] for k in ok]),
                               np.stack([worked.texts[k] for k in ok]), self.labels)  # fmt: skip
+
+    async def _lone(self, n: int) -> bool:
+        """Whether this call (of ``n`` items, admitted) is the only one in the pipeline, and has been lately.
+
+        A lone call's batch runs at once, on the event loop (server/pipeline_batch.py). The room alone can
+        mislead: calls that arrived with this one may not have reached it yet, and if this one ran on the
+        loop at once, each of them would find itself alone in turn and a crowd would be served one by one.
+        So the call first lets them in (one turn of the loop), and once calls have overlapped none counts as
+        lone for ``CROWD_HOLD_S``.
+        """
+        lone = self.room.held == n
+        if lone:
+            await asyncio.sleep(0)
+            lone = self.room.held == n
+        now = time.monotonic()
+        if not lone:
+            self._crowd_until = now + CROWD_HOLD_S
+        return lone and now >= self._crowd_until
 
     async def _work(self, images: Sequence[bytes], texts: Sequence[str], pairs: Sequence[tuple[int, int]],
                     deadline: float | None, lone: bool = False, noun: str = "item") -> Worked:  # fmt: skip
