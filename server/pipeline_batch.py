@@ -195,7 +195,7 @@ class PipelineBatcher(DynamicBatcher):
     def _ran(self, outputs: Ran, live: list[_Work]) -> None:
         """Each model counts its part of the batch as one of its own runs (its statistics and metrics)."""
         for stage, started, seconds, rows in outputs.runs:
-            stage.batcher.record(rows, seconds, [started - work.enqueued for work in live])
+            stage.batcher.record(rows, seconds, [started - w.enqueued for w in live if w.inputs.uses(stage.role)])
 
     def _traced(self, work: _Work, outputs: Ran, started: float, run_s: float, rows: int, calls: int,
                 leader: Any) -> Any:  # fmt: skip
