@@ -25,8 +25,11 @@ OVERLOAD_FACTOR = 4.0
 DEADLINE_S = 0.2
 """Each overload call's deadline: the server sheds what it cannot answer within it."""
 RSS_GROWTH_MB = 100
-"""What an overload may add to the server's memory: the calls it holds are bounded (by their deadlines
-and max_concurrent_rpcs); 5 to 30 MiB of growth (allocator arenas, gRPC buffers) was typical."""
+"""What an overload may add to the server's memory beyond the flood's own request bytes (gRPC holds those
+of the calls the loop has not taken up yet): the calls it holds are bounded (by their deadlines and
+max_concurrent_rpcs). 5 to 30 MiB in all was typical at the rates of a server of 400-700 calls/s; at
+1,000 calls/s, 4x floods 30-60 MiB on an idle machine and 155 MiB beside a busy core (the flood's
+requests: 106 MiB)."""
 
 
 def _request(sample: tuple[bytes, str], request_id: str = "") -> pb.ClassifyRequest:
@@ -82,7 +85,11 @@ def test_overload_with_deadlines_sheds_with_the_right_codes_and_the_server_recov
     # hold is the codes, the counts, bounded memory and a server that serves again at once.
     assert seen["OK"] - seen_before["OK"] >= results["ok"]  # more: answers that reached a caller past its deadline
     assert seen["INTERNAL"] == seen_before["INTERNAL"] and seen["UNAVAILABLE"] == seen_before["UNAVAILABLE"]
-    assert rss_after - rss_before < RSS_GROWTH_MB
+    # Calls the event loop has not taken up yet wait inside gRPC, each with its request (docs/RELIABILITY.md,
+    # gRPC's accept queue): the flood's own bytes may be held there, beyond them the growth is bounded.
+    calls = results["ok"] + sum(errors.values())
+    flood_mb = calls * sum(len(image) + len(text) for image, text in samples[:64]) / 64 / 2**20
+    assert rss_after - rss_before < RSS_GROWTH_MB + flood_mb, (rss_after - rss_before, flood_mb)
     assert health == health_pb2.HealthCheckResponse.SERVING
     # No backlog left behind: every call of the closed loop right after is answered, at a rate of the
     # capacity's order (a quarter at least: a neighbour on 2 shared cores moves both figures).
