@@ -348,18 +348,32 @@ class ImagePreprocessing:
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """A decoded BGR uint8 image ``[H, W, 3]`` as the model's float32 input ``[height, width, 3]``."""
+        return self.scale_pixels(self.resize(image))
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """A decoded BGR uint8 image ``[H, W, 3]`` at the model's size (uint8 ``[height, width, 3]``, still BGR)."""
         if image.shape[0] != self.height or image.shape[1] != self.width:
             image = cv2.resize(image, (self.width, self.height), interpolation=_INTERPOLATIONS[self.interpolation])
+        return image
+
+    def scale_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized BGR uint8 images (``[height, width, 3]``, or a batch of them) as the model's float32 input.
+
+        A batch goes through each step once, not image by image: a pipeline's batch thread then gives up
+        Python's lock (as numpy does around each large step) a few times per batch instead of per image,
+        and waits less for the event loop to hand it back. Each step works element by element, so the
+        values are the same either way.
+        """
         if self.color_order == "RGB":
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            pixels = pixels[..., ::-1]  # BGR → RGB: the channels reversed, as cv2.COLOR_BGR2RGB does
         divisor = self._divisor()
-        pixels = image.astype(np.float32)
-        pixels = pixels / np.float32(divisor) if divisor else pixels * np.float32(self.scale)
+        scaled = pixels.astype(np.float32)
+        scaled = scaled / np.float32(divisor) if divisor else scaled * np.float32(self.scale)
         if self.mean is not None:
-            pixels -= np.asarray(self.mean, np.float32)
+            scaled -= np.asarray(self.mean, np.float32)
         if self.std is not None:
-            pixels /= np.asarray(self.std, np.float32)
-        return pixels + np.float32(self.offset) if self.offset else pixels
+            scaled /= np.asarray(self.std, np.float32)
+        return scaled + np.float32(self.offset) if self.offset else scaled
 
     def to_json(self) -> dict:
         """A JSON-ready dict (a pipeline config's ``preprocessing.image``); mean and std only when set."""

@@ -125,18 +125,19 @@ class PipelineRun:
             return
         started = time.perf_counter()
         p = self.preprocessing
-        pixels = np.empty((len(wanted), p.height, p.width, 3), np.float32)
+        sized = np.empty((len(wanted), p.height, p.width, 3), np.uint8)
         decoded: list[tuple[int, int]] = []
         for j, i, data in wanted:
             try:
                 check_image_header(data, self.limits)
-                pixels[len(decoded)] = p.apply(decode_image(data))
+                sized[len(decoded)] = p.resize(decode_image(data))
                 decoded.append((j, i))
             except FusionServeError as e:
                 ran.done[j].image_errors[i] = e
+        pixels = p.scale_pixels(sized[: len(decoded)])  # the whole batch at once (see scale_pixels)
         ran.decoded = (started, time.perf_counter() - started)
         if decoded:
-            rows = self._timed(self.image, {self.image.step.inputs[0]: pixels[: len(decoded)]}, ran)
+            rows = self._timed(self.image, {self.image.step.inputs[0]: pixels}, ran)
             for (j, i), row in zip(decoded, rows, strict=True):
                 ran.done[j].image_features[i] = row
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fusionserve.errors import InvalidInputError
 from fusionserve.preprocess import (
+    IMAGE_MODES,
     KERAS_FILTERS,
     OOV_INDEX,
     ImagePreprocessing,
@@ -284,6 +285,32 @@ def test_image_preprocessing_other_colour_order_scale_offset_and_interpolation()
     np.testing.assert_allclose(spec.apply(image), expected * np.float32(2 / 255) - 1, rtol=0, atol=1e-6)
     assert ImagePreprocessing.from_json(spec.to_json()) == spec
     assert ImagePreprocessing.from_json({"height": 8, "width": 8}) == ImagePreprocessing(8, 8)
+
+
+@pytest.mark.parametrize("mode", sorted(IMAGE_MODES))
+def test_a_batch_of_images_is_scaled_as_each_image_is_on_its_own(mode: str) -> None:
+    """A pipeline batch scales all its images in one pass (scale_pixels): the same values as image by image."""
+    spec = ImagePreprocessing.mode(mode, 24, 40)
+    images = [_picture(h, w, 3, seed=k) for k, (h, w) in enumerate([(24, 40), (30, 50), (7, 90), (24, 40)])]
+    batch = spec.scale_pixels(np.stack([spec.resize(image) for image in images]))
+
+    def alone(image: np.ndarray) -> np.ndarray:  # each step written out with OpenCV, one image
+        image = cv2.resize(image, (40, 24), interpolation=cv2.INTER_LINEAR) if image.shape[:2] != (24, 40) else image
+        if spec.color_order == "RGB":
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        pixels = image.astype(np.float32)
+        divisor = spec._divisor()
+        pixels = pixels / np.float32(divisor) if divisor else pixels * np.float32(spec.scale)
+        if spec.mean is not None:
+            pixels = pixels - np.asarray(spec.mean, np.float32)
+        if spec.std is not None:
+            pixels = pixels / np.asarray(spec.std, np.float32)
+        return pixels + np.float32(spec.offset)
+
+    assert batch.shape == (4, 24, 40, 3) and batch.dtype == np.float32
+    for row, image in zip(batch, images, strict=True):
+        assert np.array_equal(row, alone(image))
+        assert np.array_equal(spec.apply(image), row)
 
 
 @pytest.mark.parametrize(("data", "message"), [
