@@ -163,10 +163,23 @@ class Metrics:
         self._totals_file = TotalsFile(self._totals_folder) if self._totals_folder is not None else None
         self._watched: dict[Any, Callable[[], float]] = {}  # gauge child → its value, copied by refresh()
         self._cache_counters: dict[str, tuple[Counter, Counter]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
         self._serving: set[str] = set()
         self._http: Any = None
         self.port: int | None = None
         self.watch(self.resident_memory, resident_bytes)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, made once: labels() costs microseconds, and calls count several per request.
+
+        The labels a request brings are bounded (model names the registry knows, ``_unknown`` otherwise;
+        the APIs; the status codes), so this keeps few children.
+        """
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def cache_lookup(self, model: str, *, hits: int, misses: int, seconds: float) -> None:
         """One lookup of ``hits + misses`` inputs of ``model``'s encoder, which took ``seconds``."""
@@ -273,7 +286,7 @@ class Metrics:
 
     def pipeline_run(self, model: str, rows: int, seconds: float) -> None:
         """Count one run of a pipeline over ``rows`` items (its steps count their own batches)."""
-        self.items.labels(model).inc(rows)
+        self.child(self.items, model).inc(rows)
         totals = self.totals_of(model)
         totals.executed(rows, seconds)
         # Its queue's waits are counted in its steps' totals (each step's wait for its run), but it is
@@ -283,8 +296,8 @@ class Metrics:
 
     def observe(self, model: str, api: str, code: str, seconds: float) -> None:
         """Count one finished request."""
-        self.requests.labels(model, api, code).inc()
-        self.latency.labels(model, api).observe(seconds)
+        self.child(self.requests, model, api, code).inc()
+        self.child(self.latency, model, api).observe(seconds)
         if model == "_unknown":
             return
         self.totals_of(model).finished(code == "OK", seconds)

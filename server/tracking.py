@@ -20,7 +20,7 @@ def track(metrics: Metrics, model: str, api: str) -> Iterator[None]:
     """Count one request of ``api`` on ``model``: its latency, its status code, and while it runs."""
     started = time.perf_counter()
     model = model[:64]  # never let a caller blow up label cardinality with long names
-    gauge = metrics.inflight.labels(model)
+    gauge = metrics.child(metrics.inflight, model)
     gauge.inc()
     code = grpc.StatusCode.OK
     try:
@@ -28,7 +28,7 @@ def track(metrics: Metrics, model: str, api: str) -> Iterator[None]:
     except BaseException as e:
         code = grpc.StatusCode.CANCELLED if isinstance(e, (GeneratorExit, asyncio.CancelledError)) else status_of(e)[0]
         if isinstance(e, QueueFullError):
-            metrics.shed.labels(e.reason).inc()
+            metrics.child(metrics.shed, e.reason).inc()
         raise
     finally:
         gauge.dec()

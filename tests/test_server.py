@@ -298,11 +298,14 @@ def _metrics(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_count_what_was_served(uncached, samples):
-    """Three sequential calls of 2 items each: the counters move by exactly what was served."""
+    """Three sequential calls of 2 items each, and one refused: the counters move by exactly what was served."""
     server, stub = uncached, pb_grpc.FusionServiceStub(uncached.channel())
     before = _metrics(server.metrics_url)
     for i in range(3):
         stub.Classify(request(samples[2 * i : 2 * i + 2]))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Classify(request([(samples[0][0], " ")]))  # an empty text
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     after = _metrics(server.metrics_url)
 
     def delta(name: str, **labels: str) -> float:
@@ -311,7 +314,8 @@ def test_metrics_count_what_was_served(uncached, samples):
         return after[key] - before.get(key, 0.0)
 
     assert delta("fusionserve_requests_total", api="typed", code="OK", model="multimodal") == 3
-    assert delta("fusionserve_request_latency_seconds_count", api="typed", model="multimodal") == 3
+    assert delta("fusionserve_requests_total", api="typed", code="INVALID_ARGUMENT", model="multimodal") == 1
+    assert delta("fusionserve_request_latency_seconds_count", api="typed", model="multimodal") == 4
     assert delta("fusionserve_request_latency_seconds_sum", api="typed", model="multimodal") > 0
     for model in ("image_encoder", "text_encoder", "fusion"):
         assert delta("fusionserve_items_total", model=model) == 6, model
