@@ -49,9 +49,9 @@ class FusionServer:
         self.metrics = Metrics()
         self.core = ServingCore(settings, self.metrics)
         self.streams = Streams(settings.max_concurrent_streams, settings.max_stream_inflight,
-                               on_refusal=lambda reason: self.metrics.shed.labels(reason).inc())  # fmt: skip
+                               on_refusal=self.metrics.shed_one)  # fmt: skip
         self.calls = CallLimit(settings.max_concurrent_rpcs, retry_after_s=self._calls_pushback_s,
-                               on_refusal=lambda reason: self.metrics.shed.labels(reason).inc())  # fmt: skip
+                               on_refusal=self.metrics.shed_one)  # fmt: skip
         self.core.on_change = self._publish_health  # versions loaded or unloaded while serving
         self._health_names: set[str] = set()
         self.health = HealthServicer()

@@ -162,7 +162,6 @@ class Metrics:
         self._totals_folder = folder / TOTALS_FOLDER if folder is not None else None
         self._totals_file = TotalsFile(self._totals_folder) if self._totals_folder is not None else None
         self._watched: dict[Any, Callable[[], float]] = {}  # gauge child → its value, copied by refresh()
-        self._cache_counters: dict[str, tuple[Counter, Counter]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
         self._serving: set[str] = set()
         self._http: Any = None
@@ -181,15 +180,16 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def shed_one(self, reason: str) -> None:
+        """Count one call refused by overload control, by ``reason``."""
+        self.child(self.shed, reason).inc()
+
     def cache_lookup(self, model: str, *, hits: int, misses: int, seconds: float) -> None:
         """One lookup of ``hits + misses`` inputs of ``model``'s encoder, which took ``seconds``."""
-        counters = self._cache_counters.get(model)
-        if counters is None:  # labels() costs microseconds: once per model, not per lookup
-            counters = self._cache_counters[model] = (self.cache_hits.labels(model), self.cache_misses.labels(model))
         if hits:
-            counters[0].inc(hits)
+            self.child(self.cache_hits, model).inc(hits)
         if misses:
-            counters[1].inc(misses)
+            self.child(self.cache_misses, model).inc(misses)
         self.totals_of(model).looked_up(hits, misses, seconds)
 
     def cache_evicted(self, model: str) -> None:

@@ -28,7 +28,7 @@ def track(metrics: Metrics, model: str, api: str) -> Iterator[None]:
     except BaseException as e:
         code = grpc.StatusCode.CANCELLED if isinstance(e, (GeneratorExit, asyncio.CancelledError)) else status_of(e)[0]
         if isinstance(e, QueueFullError):
-            metrics.child(metrics.shed, e.reason).inc()
+            metrics.shed_one(e.reason)
         raise
     finally:
         gauge.dec()
