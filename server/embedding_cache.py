@@ -94,14 +94,18 @@ class CachedEncoder:
         self.inflight: dict[Key, asyncio.Future[np.ndarray]] = {}
         """Inputs some call is computing now: later calls wait for them instead of computing them again."""
 
-    def key(self, material: bytes) -> Key:
-        """The cache key of one input, given as the bytes that identify it."""
-        return (self.model, self.version, self.settings, hashlib.blake2b(material, digest_size=16).digest())
+    def key(self, material: bytes | np.ndarray) -> Key:
+        """The cache key of one input, given as the bytes that identify it (or a contiguous array of them)."""
+        data = material.data if isinstance(material, np.ndarray) else material  # an array's bytes, in place
+        return (self.model, self.version, self.settings, hashlib.blake2b(data, digest_size=16).digest())
 
-    def lookup(self, materials: Sequence[bytes]) -> Lookup:
-        """One call's inputs (per item, the bytes its key is made of) sorted: found, to compute, or in flight."""
+    def lookup(self, materials: Sequence[bytes] | np.ndarray) -> Lookup:
+        """One call's inputs (per item, the bytes its key is made of) sorted: found, to compute, or in flight.
+
+        Arrays' rows are read in place (no copy to bytes), and not at all when the cache is off.
+        """
         lookup = Lookup(self)
-        if self.cache is None or not materials:
+        if self.cache is None or len(materials) == 0:
             lookup.todo = {i: [i] for i in range(len(materials))}
             return lookup
         started = time.perf_counter()

@@ -246,13 +246,13 @@ class MultimodalPipeline:
         """
         call = current_call()
         started = time.perf_counter()
-        tokens = self.vocabulary.encode(texts).astype(self.token_dtype, copy=False)
+        tokens = np.ascontiguousarray(self.vocabulary.encode(texts), self.token_dtype)  # rows are cache keys
         if call is not None:
             call.saw(texts=texts, images=images)
             if texts:
                 call.step("tokenise", started, **{"fusionserve.texts": len(texts)})
         image_lookup = self.image_cache.lookup(images)
-        text_lookup = self.text_cache.lookup([row.tobytes() for row in tokens])
+        text_lookup = self.text_cache.lookup(tokens)  # keyed on each row's bytes
         try:
             waiting = bool(image_lookup.theirs or text_lookup.theirs)
             fused = await self._job(image_lookup, text_lookup, images, tokens, () if waiting else pairs, deadline,
