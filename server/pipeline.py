@@ -11,7 +11,6 @@ and padding, labels and whether the fusion model outputs classes or features com
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,9 +27,6 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline_batch import Job, PipelineBatcher
 from fusionserve.server.pipeline_config import PipelinePlan
 from fusionserve.server.room import Room
-
-CROWD_HOLD_S = 0.1
-"""After calls overlapped in the pipeline, how long no call counts as lone (see MultimodalPipeline._lone)."""
 
 
 def no_classes_error() -> InvalidInputError:
@@ -129,7 +125,6 @@ class MultimodalPipeline:
         """Keyed on a caption's token ids at full length, whoever it shares a batch with."""
         self.room = Room(max_inflight_items, "the pipeline (max_pipeline_items)")
         """Items admitted at once, decoding included (``max_pipeline_items``); more wait for room."""
-        self._crowd_until = 0.0  # time.monotonic() until which no call counts as lone (see _lone)
 
     async def aclose(self) -> None:
         """Stop the batcher: queued jobs fail with ModelNotReadyError."""
@@ -202,9 +197,8 @@ class MultimodalPipeline:
         n = len(images)
         errors: dict[int, Exception] = dict(self._check_texts(texts))
         good = [i for i in range(n) if i not in errors]  # items whose text can be encoded
-        lone = await self._lone(n)
         worked = await self._work([images[i] for i in good], [texts[i] for i in good],
-                                  [(k, k) for k in range(len(good))], deadline, lone)  # fmt: skip
+                                  [(k, k) for k in range(len(good))], deadline)  # fmt: skip
         errors.update({good[k]: e for k, e in worked.image_errors.items()})
         if errors and not per_item_errors:
             first = min(errors)
@@ -219,26 +213,8 @@ class MultimodalPipeline:
                               np.stack([worked.images[k] for k in ok]),
                               np.stack([worked.texts[k] for k in ok]), self.labels)  # fmt: skip
 
-    async def _lone(self, n: int) -> bool:
-        """Whether this call (of ``n`` items, admitted) is the only one in the pipeline, and has been lately.
-
-        A lone call's batch runs at once, on the event loop (server/pipeline_batch.py). The room alone can
-        mislead: calls that arrived with this one may not have reached it yet, and if this one ran on the
-        loop at once, each of them would find itself alone in turn and a crowd would be served one by one.
-        So the call first lets them in (one turn of the loop), and once calls have overlapped none counts as
-        lone for ``CROWD_HOLD_S``.
-        """
-        lone = self.room.held == n
-        if lone:
-            await asyncio.sleep(0)
-            lone = self.room.held == n
-        now = time.monotonic()
-        if not lone:
-            self._crowd_until = now + CROWD_HOLD_S
-        return lone and now >= self._crowd_until
-
     async def _work(self, images: Sequence[bytes], texts: Sequence[str], pairs: Sequence[tuple[int, int]],
-                    deadline: float | None, lone: bool = False, noun: str = "item") -> Worked:  # fmt: skip
+                    deadline: float | None, noun: str = "item") -> Worked:  # fmt: skip
         """Features of ``images`` and ``texts`` and the fused rows of ``pairs`` (image index, text index).
 
         What the cache has is not computed again; what another call is computing now is waited for, and
@@ -255,12 +231,11 @@ class MultimodalPipeline:
         text_lookup = self.text_cache.lookup(tokens)  # keyed on each row's bytes
         try:
             waiting = bool(image_lookup.theirs or text_lookup.theirs)
-            fused = await self._job(image_lookup, text_lookup, images, tokens, () if waiting else pairs, deadline,
-                                    lone)  # fmt: skip
+            fused = await self._job(image_lookup, text_lookup, images, tokens, () if waiting else pairs, deadline)
             if waiting:
                 await image_lookup.wait()
                 await text_lookup.wait()
-                fused = await self._job(image_lookup, text_lookup, images, tokens, pairs, deadline, lone)
+                fused = await self._job(image_lookup, text_lookup, images, tokens, pairs, deadline)
         finally:
             image_lookup.close()
             text_lookup.close()
@@ -268,8 +243,7 @@ class MultimodalPipeline:
         return Worked(image_lookup.found, image_errors, text_lookup.found, fused)
 
     async def _job(self, image_lookup: Lookup, text_lookup: Lookup, images: Sequence[bytes], tokens: np.ndarray,
-                   pairs: Sequence[tuple[int, int]], deadline: float | None,
-                   lone: bool) -> dict[int, np.ndarray]:  # fmt: skip
+                   pairs: Sequence[tuple[int, int]], deadline: float | None) -> dict[int, np.ndarray]:  # fmt: skip
         """One job for what the lookups left to compute and for ``pairs``; the features go back to the lookups."""
         image_of, text_of = image_lookup.computed_as(), text_lookup.computed_as()
         job = Job({i: images[i] for i in image_lookup.compute()}, {t: tokens[t] for t in text_lookup.compute()},
@@ -277,7 +251,7 @@ class MultimodalPipeline:
                   [(image_of.get(i, i), text_of.get(t, t)) for i, t in pairs])  # fmt: skip
         if not job.size:
             return {}
-        done = await self.batcher.run_job(job, deadline=deadline, lone=lone)
+        done = await self.batcher.run_job(job, deadline=deadline)
         image_lookup.store(done.image_features, done.image_errors)
         text_lookup.store(done.text_features, {})
         return done.fused

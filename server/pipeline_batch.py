@@ -27,10 +27,6 @@ from fusionserve.server.batcher import DynamicBatcher, RunFn, _Work
 from fusionserve.server.limits import Limits, check_image_header
 from fusionserve.server.pipeline_config import Step
 
-# A lone caller's whole pipeline runs on the event loop while it is this short: no other call needs
-# the loop then, and a thread hop would cost more than it frees.
-INLINE_IDLE_BELOW_S = 2e-3
-
 
 @dataclass
 class Job:
@@ -174,17 +170,20 @@ class PipelineBatcher(DynamicBatcher):
     """Jobs of concurrent calls, batched and run by one :class:`PipelineRun` per batch (see the module docstring)."""
 
     def __init__(self, name: str, run: PipelineRun, executor: Any, *, version: int = 0, **policy: Any) -> None:
+        # Never on the event loop, not even a lone call's: while a batch runs, the loop must take up the
+        # calls that arrive meanwhile. A batch run on the loop hid them from the pipeline, and each in
+        # turn then found it empty and ran alone: a crowd served one call at a time.
         super().__init__(name, run, executor, version=version, inline_below_s=0.0,  # type: ignore[arg-type]
-                         inline_idle_below_s=INLINE_IDLE_BELOW_S, **policy)  # fmt: skip
+                         inline_idle_below_s=0.0, **policy)  # fmt: skip
 
-    async def run_job(self, job: Job, *, deadline: float | None = None, lone: bool = False) -> Done:
+    async def run_job(self, job: Job, *, deadline: float | None = None) -> Done:
         """Queue one call's job (``job.size`` at least 1, at most ``max_batch_size``) and await its answer.
 
         Raises:
             DeadlineExceededError: the deadline passed before the job ran.
             ModelNotReadyError: the pipeline is closing.
         """
-        done: Done = await self._submit(job, job.size, deadline, lone)
+        done: Done = await self._submit(job, job.size, deadline, False)
         return done
 
     def _merged(self, live: list[_Work]) -> list[Job]:

@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fusionserve.errors import RepositoryError
 from fusionserve.preprocess import Vocabulary, decode_image, encode_png, preprocess_image
-from fusionserve.server.pipeline import CROWD_HOLD_S
 from fusionserve.v1 import fusion_pb2 as pb
 from fusionserve.v1 import fusion_pb2_grpc as pb_grpc
 from tests.device import ATOL, PROVIDER, reference_session
@@ -361,7 +360,7 @@ def test_a_full_queue_or_pipeline_holds_callers_back_and_answers_them_all(heavy_
 
 
 def test_calls_that_arrive_together_are_batched_though_a_lone_call_runs_at_once(repository, samples):
-    # A lone call's batch runs at once on the event loop. Calls that arrive together must not each
+    # A lone call's batch runs at once (no wait for a batch). Calls that arrive together must not each
     # find the pipeline empty in turn (the one before them already answered) and be served one by one.
     with RunningServer(repository, embedding_cache_mb=0, metrics_port=-1) as srv:
         core = srv.server.core
@@ -376,8 +375,7 @@ def test_calls_that_arrive_together_are_batched_though_a_lone_call_runs_at_once(
 
             await asyncio.gather(*(caller(k) for k in range(callers)))
 
-        srv.call(calls(1, 8))  # one caller: its batches are short and run at once
-        time.sleep(2 * CROWD_HOLD_S)
+        srv.call(calls(1, 8))  # one caller: its batches run at once
         before = batcher.batches_run
         srv.call(calls(16, 4))
         assert batcher.batches_run - before <= 16, "64 calls from 16 callers at once should share batches"
