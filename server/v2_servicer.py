@@ -29,7 +29,7 @@ from fusionserve.errors import (
     ModelNotReadyError,
     UnsupportedError,
 )
-from fusionserve.server.core import ServingCore, validate_inputs
+from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.registry import READY
 from fusionserve.server.streams import Streams
@@ -174,15 +174,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert config is not None
         check_request_parameters(request)
         raw = wants_raw_output(request)
-        inputs = decode_inputs(request, config)
-        names = requested_outputs(request, config)
         # Pinned to the version resolved above, so a reload in between cannot mix versions.
         if entry.pipeline is None:
+            inputs = decode_inputs(request, config)
+            names = requested_outputs(request, config)
             entry, outputs = await self.core.infer(entry.name, entry.version, inputs, deadline=deadline)
         else:
-            validate_inputs(config, inputs, entry.max_batch_size)
             plan = entry.pipeline.plan
-            images, texts = pipeline_items(plan, inputs)
+            images, texts = pipeline_items(request, config, plan, entry.max_batch_size)
+            names = requested_outputs(request, config)
             entry, result = await self.core.classify(entry.name, entry.version, images, texts, deadline=deadline)
             outputs = pipeline_outputs(plan, result)
         return encode_response(request, config, outputs, names, raw)
