@@ -41,11 +41,10 @@ batchers).
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from fusionserve.errors import DeadlineExceededError, QueueFullError
 
@@ -139,20 +138,22 @@ class Admission:
             return None
         return self.capacity * self.target_s
 
-    @contextlib.contextmanager
-    def admit(self, items: int, timeout_s: float | None = None) -> Iterator[None]:
-        """Hold ``items`` while the call runs, or raise at once.
+    def admit(self, items: int, timeout_s: float | None = None) -> Admitted:
+        """``with door.admit(items, timeout_s):`` holds ``items`` while the call runs, or raises at once.
 
         Args:
             items: the call's items (an empty call, refused later as a bad request, counts as one).
             timeout_s: the time its caller's deadline leaves, or None for no deadline.
 
-        Raises:
+        Raises (on entering):
             OverloadedError: the deadline cannot be met (reason ``deadline``), or the wait has stood
                 over the target delay (reason ``queue_delay``).
             DeadlineExceededError: the deadline has already passed.
         """
-        items = max(items, 1)
+        return Admitted(self, max(items, 1), timeout_s)
+
+    def _enter(self, items: int, timeout_s: float | None) -> float | None:
+        """Check and count a call of ``items``; returns when it found the door idle (else None)."""
         if timeout_s is not None:
             self.check_deadline(items, timeout_s)
         if self.target_s > 0:
@@ -162,10 +163,7 @@ class Admission:
         if lone:
             self._busy_since = started
         self.inflight += items
-        try:
-            yield
-        finally:
-            self._release(items, started if lone else None)
+        return started if lone else None
 
     def check_deadline(self, items: int, timeout_s: float) -> None:
         """Raise what :meth:`admit` would for a deadline that cannot be met now (the deadline rule alone).
@@ -298,3 +296,23 @@ class Backlog:
     def next_read_s(self) -> float:
         """How long to wait before the next reading: short while the lag is over the target, else long."""
         return LAG_READ_S if self._behind_since is not None else LAG_INTERVAL_S
+
+
+class Admitted:
+    """A call held past the door for the length of a ``with`` block (see :meth:`Admission.admit`).
+
+    A class rather than ``contextlib.contextmanager``: every call passes one, and a generator-based
+    context manager costs several times as much.
+    """
+
+    __slots__ = ("door", "items", "timeout_s", "_lone_since")
+
+    def __init__(self, door: Admission, items: int, timeout_s: float | None) -> None:
+        self.door, self.items, self.timeout_s = door, items, timeout_s
+        self._lone_since: float | None = None
+
+    def __enter__(self) -> None:
+        self._lone_since = self.door._enter(self.items, self.timeout_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self.door._release(self.items, self._lone_since)

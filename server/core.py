@@ -142,27 +142,12 @@ class ServingCore:
         deadline: float | None = None,
         per_item_errors: bool = False,
     ) -> tuple[ModelEntry, PipelineResult]:
-        """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run)."""
+        """Run a pipeline on (image bytes, text) items (see MultimodalPipeline.run), counted as one execution."""
         with self._pipeline(name, version, len(images), deadline) as (entry, pipeline):
-            result = await self._run_pipeline(entry, pipeline, images, texts, deadline=deadline,
-                                              per_item_errors=per_item_errors)  # fmt: skip
+            started = time.perf_counter()
+            result = await pipeline.run(images, texts, deadline=deadline, per_item_errors=per_item_errors)
+            self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
         return entry, result
-
-    async def _run_pipeline(
-        self,
-        entry: ModelEntry,
-        pipeline: MultimodalPipeline,
-        images: Sequence[bytes],
-        texts: Sequence[str],
-        *,
-        deadline: float | None,
-        per_item_errors: bool = False,
-    ) -> PipelineResult:
-        """``pipeline.run``, counted as one execution in the pipeline's statistics."""
-        started = time.perf_counter()
-        result = await pipeline.run(images, texts, deadline=deadline, per_item_errors=per_item_errors)
-        self.metrics.pipeline_run(entry.name, len(images), time.perf_counter() - started)
-        return result
 
     async def embed(
         self, name: str, version: int, images: Sequence[bytes], texts: Sequence[str], *, deadline: float | None = None

@@ -48,7 +48,7 @@ class Job:
 
     def uses(self, role: str) -> bool:
         """Whether this job has rows for the stage of ``role`` ("image", "text" or "fusion")."""
-        return bool({"image": self.images, "text": self.texts, "fusion": self.pairs}[role])
+        return bool(self.images if role == "image" else self.texts if role == "text" else self.pairs)
 
 
 @dataclass

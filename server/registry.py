@@ -10,8 +10,6 @@ call always finishes on the version it started on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,16 +41,14 @@ class ModelEntry:
     inflight: int = 0  # calls holding this entry
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[ModelEntry]:
-        """Hold this entry for one call (take it right after the lookup, with no await in between)."""
-        self.inflight += 1
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0 and self._idle is not None:
-                self._idle.set()
+    def in_use(self) -> InUse:
+        """``with entry.in_use():`` holds this entry for one call (take it right after the lookup, no await between)."""
+        return InUse(self)
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no call holds this entry."""
@@ -69,6 +65,22 @@ class ModelEntry:
         if self.pipeline is not None:
             return self.pipeline.max_batch_size
         return self.config.max_batch_size if self.config else 0
+
+
+class InUse:
+    """A :class:`ModelEntry` held for the length of a ``with`` block (a class: every call takes one)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+
+    def __enter__(self) -> ModelEntry:
+        self.entry.inflight += 1
+        return self.entry
+
+    def __exit__(self, *exc: object) -> None:
+        self.entry._release()
 
 
 class ModelRegistry:

@@ -82,9 +82,36 @@ class Room:
             self.held += items_wanted
             waiter.set_result(None)
 
+    def hold(self, items: int, deadline: float | None = None) -> Held:
+        """``async with room.hold(n, deadline):`` takes ``n`` items (cut to the capacity) and gives them back after.
+
+        Raises as :meth:`enter` does.
+        """
+        return Held(self, self.fit(items), deadline)
+
     def _remove(self, entry: tuple[int, asyncio.Future[None]]) -> None:
         try:
             self._waiters.remove(entry)
         except ValueError:
             return
         self.leave(0)  # the waiter behind it may fit now
+
+
+class Held:
+    """Items held in a :class:`Room` for the length of an ``async with`` block (see :meth:`Room.hold`).
+
+    A class rather than ``contextlib.asynccontextmanager``: every pipeline call passes one, and a
+    generator-based context manager costs it several times as much.
+    """
+
+    __slots__ = ("room", "items", "deadline")
+
+    def __init__(self, room: Room, items: int, deadline: float | None) -> None:
+        self.room, self.items, self.deadline = room, items, deadline
+
+    async def __aenter__(self) -> None:
+        if not self.room.try_enter(self.items):
+            await self.room.enter(self.items, self.deadline)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.room.leave(self.items)
