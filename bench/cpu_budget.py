@@ -16,6 +16,11 @@ defaults otherwise. For each caller count:
 3. **The models' share**: each model's own run time (``fusionserve_compute_time_seconds``) per item.
    A pipeline runs its models in its batch threads (the ``preprocess`` pool, beside decoding); the
    thread's CPU less the models' runs is decoding and assembling the batch.
+4. **The pipeline's batch cycle** (same window): how often a batch starts, and what one cycle holds:
+   the models' runs, the rest of the batch thread's CPU, and the time left, when the batch thread
+   computes nothing (it waits for Python's lock while the loop holds it, for its hand-offs, and for
+   the next batch to gather); how long an item waits from its call reaching the pipeline to the
+   image encoder's run (queueing, the hand-off and decoding: ``fusionserve_queue_time_seconds``).
 
     python bench/cpu_budget.py [--callers 1 32] [--duration-s 8] [--repository REPO] [--smoke]
 
@@ -75,6 +80,8 @@ LOOP_CATEGORIES = (
     ("asyncio: tasks, futures, callbacks", ("asyncio", "_asyncio")),
 )
 IDLE_FRAMES = ("epoll_wait", "select_epoll_poll")
+BATCH_THREADS = THREAD_GROUPS[1][0]  # the pipeline's batch threads
+IMAGE_ENCODER = "image_encoder"  # the pipeline's first model in the bench repository: one run per batch
 SAMPLES_PER_S = 100
 """py-spy's rate: each sample stops the server for a moment (native stacks need it), so not more."""
 
@@ -136,6 +143,11 @@ def _loop_profile(raw: Path, pid: int) -> dict[str, float]:
     return {c: n / total for c, n in counts.most_common()}
 
 
+def _queue_s(server: ServerProcess) -> dict[str, tuple[float, float]]:
+    """(seconds waited, calls) so far, per model."""
+    return server.histogram("fusionserve_queue_time_seconds")
+
+
 def _compute_s(server: ServerProcess) -> dict[str, float]:
     return {m: total for m, (total, _) in server.histogram("fusionserve_compute_time_seconds").items()}
 
@@ -176,16 +188,18 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     raw = Path(tempfile.mkdtemp()) / "profile.raw"
     names = _python_thread_names(server.pid)
 
-    def snapshot() -> tuple[dict[str, float], float, dict[str, float], dict[str, tuple[float, float]], float]:
-        return _thread_cpu_s(server.pid, names), _items(server), _compute_s(server), _batches(server), time.monotonic()
+    def snapshot() -> tuple[dict[str, float], float, dict[str, float], dict[str, tuple[float, float]],
+                            dict[str, tuple[float, float]], float]:  # fmt: skip
+        return (_thread_cpu_s(server.pid, names), _items(server), _compute_s(server), _batches(server),
+                _queue_s(server), time.monotonic())  # fmt: skip
 
     # First the exact figures, with nothing else looking; then the profile (py-spy stops the server
     # a hundred times a second, which would bend the first).
-    cpu0, items0, compute0, batches0, wall0 = snapshot()
+    cpu0, items0, compute0, batches0, queue0, wall0 = snapshot()
     idle0, client0 = _machine_idle_s(), server.cpu_seconds(driver.pid)
     time.sleep(duration_s)
     idle1, client1 = _machine_idle_s(), server.cpu_seconds(driver.pid)
-    cpu1, items1, compute1, batches1, wall1 = snapshot()
+    cpu1, items1, compute1, batches1, queue1, wall1 = snapshot()
     if profile:
         command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
                    str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
@@ -201,6 +215,7 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     runs = {m: (batches1[m][0] - batches0.get(m, (0, 0))[0], batches1[m][1] - batches0.get(m, (0, 0))[1])
             for m in batches1}  # fmt: skip
     row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
+    row["batch_cycle"] = _batch_cycle(runs, compute, cpu1, cpu0, queue1, queue0, wall1 - wall0)
     used = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
             "idle": idle1 - idle0}  # fmt: skip
     row["cores"] = {k: seconds / (wall1 - wall0) for k, seconds in used.items()}
@@ -209,6 +224,28 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
         row["event_loop_us_per_item_by_task"] = {c: share * by_thread.get("event loop", 0.0) for c, share in
                                                  shares.items()}  # fmt: skip
     return row
+
+
+def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float], cpu1: dict[str, float],
+                 cpu0: dict[str, float], queue1: dict[str, tuple[float, float]], queue0: dict[str, tuple[float, float]],
+                 seconds: float) -> dict[str, float]:  # fmt: skip
+    """The pipeline's batch cycle in a window (see the module docstring); {} when no batch ran.
+
+    Each pipeline batch runs each of its models once (every item is computed: the cache is off), so
+    the image encoder's runs count the batches.
+    """
+    items, batches = runs.get(IMAGE_ENCODER, (0.0, 0.0))
+    if not batches:
+        return {}
+    thread = cpu1.get(BATCH_THREADS, 0.0) - cpu0.get(BATCH_THREADS, 0.0)
+    models = sum(compute.values())
+    (waited1, calls1), (waited0, calls0) = (q.get(IMAGE_ENCODER, (0.0, 0.0)) for q in (queue1, queue0))
+    waited, calls = waited1 - waited0, calls1 - calls0
+    cycle = seconds / batches
+    return {"batches_per_s": batches / seconds, "items_per_batch": items / batches, "cycle_ms": cycle * 1000,
+            "models_ms": models / batches * 1000, "batch_thread_other_cpu_ms": (thread - models) / batches * 1000,
+            "batch_thread_idle_ms": (cycle - thread / batches) * 1000,
+            "wait_until_image_encoder_ms": waited / calls * 1000 if calls else 0.0}  # fmt: skip
 
 
 def report(row: dict[str, Any]) -> None:
@@ -221,6 +258,13 @@ def report(row: dict[str, Any]) -> None:
     lines += [(f"  event loop: {c}", v) for c, v in row.get("event_loop_us_per_item_by_task", {}).items()]
     for name, value in lines:
         print(f"  {name:<58}{value:8.0f} µs {100 * value / total:5.1f}%")
+    cycle = row["batch_cycle"]
+    if cycle:
+        print(f"  pipeline batch cycle: one batch of {cycle['items_per_batch']:.1f} items every "
+              f"{cycle['cycle_ms']:.1f} ms: the models' runs {cycle['models_ms']:.1f} ms, the batch thread's "
+              f"other CPU {cycle['batch_thread_other_cpu_ms']:.1f} ms, the batch thread idle or waiting "
+              f"{cycle['batch_thread_idle_ms']:.1f} ms; an item waits {cycle['wait_until_image_encoder_ms']:.1f} ms "
+              "from reaching the pipeline to its image encoder's run")  # fmt: skip
 
 
 def main() -> int:
