@@ -66,8 +66,9 @@ LOOP_CATEGORIES = (
     ("metrics", ("server/metrics.py", "server/model_totals.py", "prometheus_client", "server/tracking.py")),
     ("V2 request decoding", ("decode_inputs", "v2_codec.py", "pipeline_items", "check_request_parameters")),
     ("response building", ("encode_response", "pipeline_outputs", "classify_response", "fill_contents", "to_raw")),
-    ("image decoding and resizing", ("decode_image", "preprocess.py:", "check_image_header")),
-    ("tokenising", ("Vocabulary.encode", "text_to_word_sequence", "pad_sequences")),
+    # By name, not by file: fusionserve/preprocess.py holds the tokeniser too.
+    ("image decoding and resizing", ("decode_image", "preprocess_image", "ImagePreprocessing", "check_image_header")),
+    ("tokenising", ("Vocabulary", "split_words", "text_to_word_sequence", "pad_tokens", "_filter_table")),
     ("embedding cache", ("embedding_cache.py",)),
     ("onnxruntime on the loop", ("runtime.py", "onnxruntime")),
     ("batchers: queues, batches, hand-offs", ("server/batcher.py", "server/pipeline_batch.py", "server/room.py",
