@@ -106,20 +106,26 @@ def _python_thread_names(pid: int) -> dict[int, str]:
     return {int(tid): name for tid, name in found}
 
 
-def _thread_cpu_s(pid: int, names: dict[int, str]) -> dict[str, float]:
-    """CPU seconds so far of each group of the server's threads (THREAD_GROUPS; else 'other threads')."""
-    out: dict[str, float] = collections.defaultdict(float)
+def _thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of the process so far: its OS name and CPU seconds, by native thread id."""
+    out = {}
     tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
         except OSError:
             continue
-        name = names.get(int(task.name)) or stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / tick
-        group = next((g for g, prefixes in THREAD_GROUPS if name.startswith(prefixes)), "other threads")
-        out[group] += cpu
+        out[int(task.name)] = (stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _by_group(threads: dict[int, tuple[str, float]], names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds per group of threads (THREAD_GROUPS; else 'other threads'), Python's names first, else the OS's."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for tid, (os_name, cpu) in threads.items():
+        name = names.get(tid) or os_name
+        out[next((g for g, prefixes in THREAD_GROUPS if name.startswith(prefixes)), "other threads")] += cpu
     return out
 
 
@@ -187,20 +193,22 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     driver = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(2.0)  # its warm-up, and the server's
     raw = Path(tempfile.mkdtemp()) / "profile.raw"
-    names = _python_thread_names(server.pid)
 
-    def snapshot() -> tuple[dict[str, float], float, dict[str, float], dict[str, tuple[float, float]],
+    def snapshot() -> tuple[dict[int, tuple[str, float]], float, dict[str, float], dict[str, tuple[float, float]],
                             dict[str, tuple[float, float]], float]:  # fmt: skip
-        return (_thread_cpu_s(server.pid, names), _items(server), _compute_s(server), _batches(server),
-                _queue_s(server), time.monotonic())  # fmt: skip
+        return (_thread_cpu_s(server.pid), _items(server), _compute_s(server), _batches(server), _queue_s(server),
+                time.monotonic())  # fmt: skip
 
     # First the exact figures, with nothing else looking; then the profile (py-spy stops the server
     # a hundred times a second, which would bend the first).
-    cpu0, items0, compute0, batches0, queue0, wall0 = snapshot()
+    threads0, items0, compute0, batches0, queue0, wall0 = snapshot()
     idle0, client0 = _machine_idle_s(), server.cpu_seconds(driver.pid)
     time.sleep(duration_s)
     idle1, client1 = _machine_idle_s(), server.cpu_seconds(driver.pid)
-    cpu1, items1, compute1, batches1, queue1, wall1 = snapshot()
+    threads1, items1, compute1, batches1, queue1, wall1 = snapshot()
+    # Named after the window: a thread pool may have started a thread during it.
+    names = _python_thread_names(server.pid)
+    cpu0, cpu1 = _by_group(threads0, names), _by_group(threads1, names)
     if profile:
         command = [_py_spy(), "record", "--native", "--threads", "--rate", str(SAMPLES_PER_S), "--duration",
                    str(int(duration_s)), "--format", "raw", "--output", str(raw), "--pid", str(server.pid)]  # fmt: skip
