@@ -38,8 +38,8 @@ class Tracked:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
         code = grpc.StatusCode.OK
         if error is not None:
-            code = grpc.StatusCode.CANCELLED if isinstance(error, (GeneratorExit, asyncio.CancelledError)) \
-                else status_of(error)[0]  # fmt: skip
+            cancelled = isinstance(error, (GeneratorExit, asyncio.CancelledError))
+            code = grpc.StatusCode.CANCELLED if cancelled else status_of(error)[0]
             if isinstance(error, QueueFullError):
                 self.metrics.shed_one(error.reason)
         self._gauge.dec()
