@@ -224,7 +224,9 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     runs = {m: (batches1[m][0] - batches0.get(m, (0, 0))[0], batches1[m][1] - batches0.get(m, (0, 0))[1])
             for m in batches1}  # fmt: skip
     row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
-    row["batch_cycle"] = _batch_cycle(runs, compute, cpu1, cpu0, queue1, queue0, wall1 - wall0)
+    thread_s = cpu1.get(BATCH_THREADS, 0.0) - cpu0.get(BATCH_THREADS, 0.0)
+    (waited1, calls1), (waited0, calls0) = (q.get(IMAGE_ENCODER, (0.0, 0.0)) for q in (queue1, queue0))
+    row["batch_cycle"] = _batch_cycle(runs, compute, thread_s, (waited1 - waited0, calls1 - calls0), wall1 - wall0)
     used = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
             "idle": idle1 - idle0}  # fmt: skip
     row["cores"] = {k: seconds / (wall1 - wall0) for k, seconds in used.items()}
@@ -235,25 +237,24 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     return row
 
 
-def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float], cpu1: dict[str, float],
-                 cpu0: dict[str, float], queue1: dict[str, tuple[float, float]], queue0: dict[str, tuple[float, float]],
-                 seconds: float) -> dict[str, float]:  # fmt: skip
-    """The pipeline's batch cycle in a window (see the module docstring); {} when no batch ran.
+def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float], thread_s: float,
+                 queued: tuple[float, float], seconds: float) -> dict[str, float]:  # fmt: skip
+    """The pipeline's batch cycle in a window of ``seconds`` (see the module docstring); {} when no batch ran.
 
+    ``runs``: (items, batches) per model; ``compute``: each model's run time; ``thread_s``: the batch
+    threads' CPU; ``queued``: (seconds waited, calls) before the image encoder's runs; all in the window.
     Each pipeline batch runs each of its models once (every item is computed: the cache is off), so
     the image encoder's runs count the batches.
     """
     items, batches = runs.get(IMAGE_ENCODER, (0.0, 0.0))
     if not batches:
         return {}
-    thread = cpu1.get(BATCH_THREADS, 0.0) - cpu0.get(BATCH_THREADS, 0.0)
     models = sum(compute.values())
-    (waited1, calls1), (waited0, calls0) = (q.get(IMAGE_ENCODER, (0.0, 0.0)) for q in (queue1, queue0))
-    waited, calls = waited1 - waited0, calls1 - calls0
+    waited, calls = queued
     cycle = seconds / batches
     return {"batches_per_s": batches / seconds, "items_per_batch": items / batches, "cycle_ms": cycle * 1000,
-            "models_ms": models / batches * 1000, "batch_thread_other_cpu_ms": (thread - models) / batches * 1000,
-            "batch_thread_idle_ms": (cycle - thread / batches) * 1000,
+            "models_ms": models / batches * 1000, "batch_thread_other_cpu_ms": (thread_s - models) / batches * 1000,
+            "batch_thread_idle_ms": (cycle - thread_s / batches) * 1000,
             "wait_until_image_encoder_ms": waited / calls * 1000 if calls else 0.0}  # fmt: skip
 
 
