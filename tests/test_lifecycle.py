@@ -47,6 +47,11 @@ def wait_for(condition, timeout_s: float = 20.0, what: str = "") -> None:
         time.sleep(0.05)
 
 
+def tried(registry, name: str, version: int) -> bool:
+    """Whether that version has been registered and tried: registered LOADING first, READY or FAILED after."""
+    return registry.has(name, version) and registry.find(name, version).state != "LOADING"
+
+
 class Traffic:
     """Typed unary, typed stream and V2 calls in background threads, every answer kept with its version."""
 
@@ -173,9 +178,7 @@ def test_a_corrupt_new_version_leaves_the_good_one_serving_and_is_retried_when_i
                      what="image_encoder v2 FAILED")  # fmt: skip
             failed = registry.find("image_encoder", 2)
             assert "image_encoder/2/model.onnx" in failed.reason and "sha256" in failed.reason
-            # Registered LOADING first, then FAILED once the loader has tried it.
-            wait_for(lambda: registry.has("multimodal", 2) and registry.find("multimodal", 2).state != "LOADING",
-                     what="the pipeline v2 tried")  # fmt: skip
+            wait_for(lambda: tried(registry, "multimodal", 2), what="the pipeline v2 tried")
             assert registry.find("multimodal", 2).state == "FAILED"
             assert registry.find("multimodal").version == 1 and registry.find("image_encoder").version == 1
             time.sleep(3 * POLL_S)
@@ -203,8 +206,7 @@ def test_a_pipeline_whose_steps_are_missing_fails_until_they_come(repo, samples)
         tiny_repository.build(staging, seed=7, version=2)
         (staging / "multimodal" / "2").rename(repo / "multimodal" / "2")  # the pipeline first
         registry = srv.server.core.registry
-        wait_for(lambda: registry.has("multimodal", 2) and registry.find("multimodal", 2).state != "LOADING",
-                 what="pipeline v2 tried")  # fmt: skip
+        wait_for(lambda: tried(registry, "multimodal", 2), what="pipeline v2 tried")
         assert registry.find("multimodal", 2).state == "FAILED" and "not in the repository" in (
             registry.find("multimodal", 2).reason)
         assert registry.find("multimodal").version == 1 and registry.find("multimodal").state == "READY"
