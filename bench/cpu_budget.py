@@ -21,6 +21,9 @@ defaults otherwise. For each caller count:
    computes nothing (it waits for Python's lock while the loop holds it, for its hand-offs, and for
    the next batch to gather); how long an item waits from its call reaching the pipeline to the
    image encoder's run (queueing, the hand-off and decoding: ``fusionserve_queue_time_seconds``).
+5. **The floor** (once, in this bench process, on one thread in a tight loop): what checking and
+   decoding one of perf_analyzer's images costs alone (they are at the model's size: nothing to
+   resize). With the models' runs, it is the CPU an item costs before any serving work.
 
     python bench/cpu_budget.py [--callers 1 32] [--duration-s 8] [--repository REPO] [--smoke]
 
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import perf_analyzer as pa
-from _common import ServerProcess, machine, repository, result_name, write
+from _common import ServerProcess, machine, repository, result_name, samples, write
 
 # What a thread of the server is, from its name: Python's thread name (py-spy reports it), else the
 # OS's (gRPC core's own threads have no Python side).
@@ -258,6 +261,23 @@ def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float]
             "wait_until_image_encoder_ms": waited / calls * 1000 if calls else 0.0}  # fmt: skip
 
 
+def decode_floor_us(images: list[bytes], passes: int = 5) -> float:
+    """µs to check and decode one of ``images`` as the pipeline does, on one thread; the best of ``passes``."""
+    from fusionserve.preprocess import decode_image
+    from fusionserve.server.limits import Limits, check_image_header
+    from fusionserve.server.settings import ServerSettings
+
+    limits = Limits.from_settings(ServerSettings())
+    best = float("inf")
+    for _ in range(passes):
+        started = time.perf_counter()
+        for data in images:
+            check_image_header(data, limits)
+            decode_image(data)
+        best = min(best, (time.perf_counter() - started) / len(images))
+    return best * 1e6
+
+
 def report(row: dict[str, Any]) -> None:
     total = row["us_per_item"]
     print(f"\n{row['callers']} caller(s): {row['items_per_s']:.0f} items/s, {total:.0f} µs of server CPU per item")
@@ -292,6 +312,8 @@ def main() -> int:
     if isinstance(tool, str):
         print(tool)
         return 1
+    floor = decode_floor_us([image for image, _ in samples(pa.INPUT_ITEMS)])
+    print(f"floor: checking and decoding one image, one thread, a tight loop: {floor:.0f} µs")
     rows = []
     with ServerProcess(repo, "--embedding-cache-mb", "0", *args.server_arg, metrics_port=0) as server:
         time.sleep(2.0)  # done starting
@@ -303,7 +325,7 @@ def main() -> int:
             report(row)
             rows.append(row)
     payload = {"machine": machine(), "duration_s": duration_s, "server_args": args.server_arg,
-               "idle_cpu_ms_per_s": idle, "rows": rows}  # fmt: skip
+               "idle_cpu_ms_per_s": idle, "decode_floor_us": floor, "rows": rows}  # fmt: skip
     path = write(result_name("cpu_budget", smoke=args.smoke), payload)
     print("\nwrote", path)
     print(json.dumps({r["callers"]: round(r["us_per_item"]) for r in rows}))

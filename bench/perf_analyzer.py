@@ -109,7 +109,11 @@ def ready(binary: Path | None = None) -> Tool | str:
     return Tool(binary, env, input_data(RESULTS / "perf_analyzer-multimodal-input.json"))
 
 
-def input_data(path: Path, n: int = 16) -> Path:
+INPUT_ITEMS = 16
+"""The (PNG, caption) items perf_analyzer sends in turn: ``samples(INPUT_ITEMS)``."""
+
+
+def input_data(path: Path, n: int = INPUT_ITEMS) -> Path:
     """perf_analyzer --input-data for ``multimodal``: real PNGs (BYTES wire form, base64) and captions."""
     steps = [
         {"IMAGE": {"b64": base64.b64encode(serialize_bytes([img])).decode()}, "TEXT": [text]}
