@@ -12,7 +12,11 @@ defaults otherwise. For each caller count:
    ``py-spy record --native`` on the server; each sample of the loop's thread is put in the first category whose
    frame it holds (gRPC and protobuf in Python, V2 request decoding, image decoding, tokenising, the
    batchers' hand-offs, the response, metrics, ...), and the loop's exact CPU is split in those
-   proportions. Samples of the loop waiting in ``epoll`` are idle time, not CPU.
+   proportions. Samples of the loop waiting in ``epoll`` are idle time, not CPU. The door's readings
+   of gRPC's call count (channelz, server/grpc_counts.py) have a line of their own: their leaf frames
+   are gRPC core's. That line is an upper bound: py-spy stops the server for each sample, the loop
+   falls behind meanwhile, and the door then reads every ``LAG_READ_S`` instead of every
+   ``LAG_INTERVAL_S`` (server/admission.py).
 3. **The models' share**: each model's own run time (``fusionserve_compute_time_seconds``) per item.
    A pipeline runs its models in its batch threads (the ``preprocess`` pool, beside decoding); the
    thread's CPU less the models' runs is decoding and assembling the batch.
@@ -83,6 +87,11 @@ LOOP_CATEGORIES = (
     ("gRPC in Python (cygrpc)", ("cygrpc", "grpc/")),
     ("asyncio: tasks, futures, callbacks", ("asyncio", "_asyncio")),
 )
+# Work whose leaf frames are another category's (gRPC core's, under cygrpc): a sample is put here when any
+# of its frames holds one of these, before the categories above are looked for from the leaf up.
+WHOLE_STACK_CATEGORIES = (
+    ("the door's reading of gRPC's call count (channelz)", ("server/grpc_counts.py",)),
+)
 IDLE_FRAMES = ("epoll_wait", "select_epoll_poll")
 BATCH_THREADS = THREAD_GROUPS[1][0]  # the pipeline's batch threads
 IMAGE_ENCODER = "image_encoder"  # the pipeline's first model in the bench repository: one run per batch
@@ -142,8 +151,9 @@ def _loop_profile(raw: Path, pid: int) -> dict[str, float]:
             continue  # another thread's sample (the event loop is the main thread)
         if any(idle in frame for frame in frames[-4:] for idle in IDLE_FRAMES):
             continue  # waiting for events: idle
-        category = "other Python"
-        for frame in reversed(frames):
+        category = next((c for c, keys in WHOLE_STACK_CATEGORIES if any(k in f for f in frames for k in keys)),
+                        "other Python")  # fmt: skip
+        for frame in reversed(frames if category == "other Python" else ()):
             hit = next((c for c, keys in LOOP_CATEGORIES if any(k in frame for k in keys)), None)
             if hit is not None:
                 category = hit
