@@ -191,7 +191,7 @@ def idle_cpu_ms_per_s(server: ServerProcess, duration_s: float) -> float:
 
 
 def _items(server: ServerProcess) -> float:
-    return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal"}')
+    return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal",version="1"}')
 
 
 def measure(server: ServerProcess, callers: int, duration_s: float, profile: bool, tool: pa.Tool) -> dict[str, Any]:

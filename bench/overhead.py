@@ -95,7 +95,7 @@ def bench_raw(raw: RawPipeline, items: list, batch: int, duration_s: float, gap_
     return {"items_per_s": n_items / elapsed, "requests_per_s": len(latencies) / elapsed, **percentiles(latencies)}
 
 
-SERVER_LATENCY = 'fusionserve_request_latency_seconds_{}{{api="typed",model="multimodal"}}'
+SERVER_LATENCY = 'fusionserve_request_latency_seconds_{}{{api="typed",model="multimodal",version="1"}}'
 
 
 def server_side(server: ServerProcess, since: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from fusionserve.server.metrics import Metrics
 from fusionserve.server.pipeline import Embeddings, MultimodalPipeline, PipelineResult, Ranking
 from fusionserve.server.registry import READY, ModelEntry, ModelRegistry
 from fusionserve.server.settings import ServerSettings
+from fusionserve.server.tracking import serving
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class ServingCore:
         version cannot go before the answer.
         """
         entry = self.registry.get(name, version)
+        serving(entry.version)
         if entry.pipeline is None:
             raise InvalidInputError(
                 f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
@@ -182,6 +184,7 @@ class ServingCore:
             InvalidInputError: naming the tensor that is missing, unknown, or of the wrong type, shape or range.
         """
         entry = self.registry.get(name, version)
+        serving(entry.version)
         assert entry.config is not None
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")

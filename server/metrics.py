@@ -87,11 +87,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "fusionserve_requests", "Requests by model, API and gRPC status code", ["model", "api", "code"], registry=r
+            "fusionserve_requests", "Requests by model, the version that served them (empty when none was resolved), "
+            "API and gRPC status code", ["model", "version", "api", "code"], registry=r
         )
         self.items = Counter("fusionserve_items", "Items (rows) inferred by model", ["model"], registry=r)
         self.latency = Histogram(
-            "fusionserve_request_latency_seconds", "Request latency seen by the server", ["model", "api"],
+            "fusionserve_request_latency_seconds", "Request latency seen by the server", ["model", "version", "api"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         # Per model *version*: each version has its own batcher, so a rollout can be compared side by side.
@@ -294,10 +295,10 @@ class Metrics:
         # model's active version so.
         totals.queued(0.0)
 
-    def observe(self, model: str, api: str, code: str, seconds: float) -> None:
-        """Count one finished request."""
-        self.child(self.requests, model, api, code).inc()
-        self.child(self.latency, model, api).observe(seconds)
+    def observe(self, model: str, version: str, api: str, code: str, seconds: float) -> None:
+        """Count one finished request, under the version that served it (``""``: none was resolved)."""
+        self.child(self.requests, model, version, api, code).inc()
+        self.child(self.latency, model, version, api).observe(seconds)
         if model == "_unknown":
             return
         self.totals_of(model).finished(code == "OK", seconds)

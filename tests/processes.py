@@ -20,8 +20,8 @@ from fusionserve.server.process import ServerProcess
 __all__ = ["OK_STREAM", "OK_TYPED", "ServerProcess", "classify_lanes", "free_ports", "start_all", "wait_until",
            "write_config"]
 
-OK_TYPED = 'fusionserve_requests_total{api="typed",code="OK",model="multimodal"}'
-OK_STREAM = 'fusionserve_requests_total{api="typed_stream",code="OK",model="multimodal"}'
+OK_TYPED = 'fusionserve_requests_total{api="typed",code="OK",model="multimodal",version="1"}'
+OK_STREAM = 'fusionserve_requests_total{api="typed_stream",code="OK",model="multimodal",version="1"}'
 
 
 def free_ports(n: int) -> list[int]:

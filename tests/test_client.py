@@ -31,12 +31,12 @@ def client(server):
 
 def _stream_requests(srv: RunningServer) -> float:
     """Stream requests answered OK by a server (from its own metrics)."""
-    labels = {"model": "multimodal", "api": "typed_stream", "code": "OK"}
+    labels = {"model": "multimodal", "version": "1", "api": "typed_stream", "code": "OK"}
     return srv.server.metrics.registry.get_sample_value("fusionserve_requests_total", labels) or 0.0
 
 
 def _unary_requests(srv: RunningServer) -> float:
-    labels = {"model": "multimodal", "api": "typed", "code": "OK"}
+    labels = {"model": "multimodal", "version": "1", "api": "typed", "code": "OK"}
     return srv.server.metrics.registry.get_sample_value("fusionserve_requests_total", labels) or 0.0
 
 

@@ -43,7 +43,7 @@ def _health(target: str) -> int:
 
 def _requests_seen(srv: ServerProcess) -> dict[str, float]:
     """The server's own count of Classify calls it ran, by status code."""
-    return {code: srv.metric(f'fusionserve_requests_total{{api="typed",code="{code}",model="multimodal"}}')
+    return {code: srv.metric(f'fusionserve_requests_total{{api="typed",code="{code}",model="multimodal",version="1"}}')
             for code in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE",
                          "INTERNAL")}  # fmt: skip
 

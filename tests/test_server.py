@@ -312,10 +312,11 @@ def test_metrics_count_what_was_served(uncached, samples):
         assert key in after, f"{name} {labels} is not exported"
         return after[key] - before.get(key, 0.0)
 
-    assert delta("fusionserve_requests_total", api="typed", code="OK", model="multimodal") == 3
-    assert delta("fusionserve_requests_total", api="typed", code="INVALID_ARGUMENT", model="multimodal") == 1
-    assert delta("fusionserve_request_latency_seconds_count", api="typed", model="multimodal") == 4
-    assert delta("fusionserve_request_latency_seconds_sum", api="typed", model="multimodal") > 0
+    assert delta("fusionserve_requests_total", api="typed", code="OK", model="multimodal", version="1") == 3
+    refused = delta("fusionserve_requests_total", api="typed", code="INVALID_ARGUMENT", model="multimodal", version="1")
+    assert refused == 1
+    assert delta("fusionserve_request_latency_seconds_count", api="typed", model="multimodal", version="1") == 4
+    assert delta("fusionserve_request_latency_seconds_sum", api="typed", model="multimodal", version="1") > 0
     for model in ("image_encoder", "text_encoder", "fusion"):
         assert delta("fusionserve_items_total", model=model) == 6, model
         # Each model version's batcher has its own batch figures.

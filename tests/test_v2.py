@@ -22,6 +22,7 @@ from fusionserve.v2 import model_config_pb2 as mc
 from fusionserve.v2_codec import decode_outputs, to_raw
 from tests.device import ATOL
 from tests.serving import RunningServer
+from tests.tiny_repository import add_version
 
 MODELS = ("image_encoder", "text_encoder", "fusion", "multimodal")
 TYPED_FIELD = {"FP32": "fp32_contents", "INT32": "int_contents", "BYTES": "bytes_contents"}
@@ -412,8 +413,34 @@ def test_v2_calls_are_counted_in_metrics(server, stub, tensor_inputs):
     stub.ModelInfer(make_request("fusion", tensor_inputs["fusion"]), timeout=30)
     stream(stub, [make_request("fusion", tensor_inputs["fusion"])])
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    assert 'fusionserve_requests_total{api="v2",code="OK",model="fusion"}' in text
-    assert 'fusionserve_requests_total{api="v2_stream",code="OK",model="fusion"}' in text
+    assert 'fusionserve_requests_total{api="v2",code="OK",model="fusion",version="1"}' in text
+    assert 'fusionserve_requests_total{api="v2_stream",code="OK",model="fusion",version="1"}' in text
+
+
+def test_requests_are_counted_under_the_version_that_served_or_failed_them(repository, tmp_path, tensor_inputs):
+    repo = Path(shutil.copytree(repository, tmp_path / "repo"))
+    add_version(repo, 2, seed=1)
+    with RunningServer(repo, model_version_policy={"fusion": "all"}) as srv:
+        stub = pb_grpc.GRPCInferenceServiceStub(srv.channel())
+        for version in ("1", "2", "2", ""):  # "" is the latest: 2
+            stub.ModelInfer(make_request("fusion", tensor_inputs["fusion"], model_version=version), timeout=30)
+        # Refused by the V2 layer (an output the model lacks), and by the core (a tensor of the wrong shape).
+        unknown_output = make_request("fusion", tensor_inputs["fusion"], outputs=("nope",), model_version="1")
+        wrong_shape = make_request("fusion", {"image_features": ("FP32", np.zeros((1, 3), np.float32))},
+                                   model_version="2")  # fmt: skip
+        for bad in (unknown_output, wrong_shape):
+            assert infer_error(stub, bad).code() == grpc.StatusCode.INVALID_ARGUMENT
+        missing = make_request("fusion", tensor_inputs["fusion"], model_version="7")
+        assert infer_error(stub, missing).code() == grpc.StatusCode.NOT_FOUND
+
+        def count(version: str, code: str) -> float:
+            labels = {"model": "fusion", "version": version, "api": "v2", "code": code}
+            return srv.server.metrics.registry.get_sample_value("fusionserve_requests_total", labels) or 0.0
+
+        assert (count("1", "OK"), count("2", "OK"), count("1", "INVALID_ARGUMENT"), count("2", "INVALID_ARGUMENT"),
+                count("", "NOT_FOUND")) == (1, 3, 1, 1, 1)  # fmt: skip
+        latency = {"model": "fusion", "version": "2", "api": "v2"}  # answered or refused, each request counts
+        assert srv.server.metrics.registry.get_sample_value("fusionserve_request_latency_seconds_count", latency) == 4
 
 
 # ---- bad requests --------------------------------------------------------------------------------
