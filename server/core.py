@@ -100,6 +100,15 @@ class ServingCore:
         self._ort_pool.shutdown(wait=True)
         self._pre_pool.shutdown(wait=True)
 
+    def entry_for(self, name: str, version: int) -> ModelEntry:
+        """The entry that serves a request for ``name`` (``version`` 0: the latest), as ``registry.get`` finds it.
+
+        The request's metrics count under that version from here on, its errors included (server/tracking.py).
+        """
+        entry = self.registry.get(name, version)
+        serving(entry.version)
+        return entry
+
     def refuse_if_late(self, items: int, deadline: float | None) -> None:
         """Raise at once if the door's deadline rule would refuse a call of ``items`` items now.
 
@@ -122,8 +131,7 @@ class ServingCore:
         Raises InvalidInputError if ``name`` is a tensor model. The hold is taken with the lookup: the
         version cannot go before the answer.
         """
-        entry = self.registry.get(name, version)
-        serving(entry.version)
+        entry = self.entry_for(name, version)
         if entry.pipeline is None:
             raise InvalidInputError(
                 f"model {name!r} is a tensor model; classify, embed and rank need a pipeline such as 'multimodal'"
@@ -183,8 +191,7 @@ class ServingCore:
         Raises:
             InvalidInputError: naming the tensor that is missing, unknown, or of the wrong type, shape or range.
         """
-        entry = self.registry.get(name, version)
-        serving(entry.version)
+        entry = self.entry_for(name, version)
         assert entry.config is not None
         if entry.batcher is None:
             raise InvalidInputError(f"model {name!r} is a pipeline: it takes images and texts, not tensors")

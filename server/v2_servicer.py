@@ -33,7 +33,7 @@ from fusionserve.server.core import ServingCore
 from fusionserve.server.grpc_errors import status_of
 from fusionserve.server.registry import READY
 from fusionserve.server.streams import Streams
-from fusionserve.server.tracking import serving, track
+from fusionserve.server.tracking import track
 from fusionserve.server.v2_model_config import model_config, model_statistics, tensor_metadata
 from fusionserve.server.v2_requests import (
     check_request_parameters,
@@ -169,8 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         deadline = request_deadline(request, context)
         self.core.refuse_if_late(1, deadline)  # one item, before the tensors are read; admission counts them all
-        entry = self.core.registry.get(request.model_name, parse_version(request.model_version))
-        serving(entry.version)  # the request's errors from here on are this version's
+        entry = self.core.entry_for(request.model_name, parse_version(request.model_version))
         config = entry.config
         assert config is not None
         check_request_parameters(request)
