@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import perf_analyzer as pa
-from _common import ServerProcess, machine, repository, result_name, samples, write
+from _common import ServerProcess, machine, repository, result_name, samples, time_calls, write
 
 # What a thread of the server is, from its name: Python's thread name (py-spy reports it), else the
 # OS's (gRPC core's own threads have no Python side).
@@ -141,6 +141,18 @@ def _by_group(threads: dict[int, tuple[str, float]], names: dict[int, str]) -> d
     return out
 
 
+def _category(frames: list[str]) -> str:
+    """What one sample of the loop was doing: a whole-stack category, else the first category from the leaf up."""
+    for category, keys in WHOLE_STACK_CATEGORIES:
+        if any(k in frame for frame in frames for k in keys):
+            return category
+    for frame in reversed(frames):
+        for name, substrings in LOOP_CATEGORIES:
+            if any(k in frame for k in substrings):
+                return name
+    return "other Python"
+
+
 def _loop_profile(raw: Path, pid: int) -> dict[str, float]:
     """Share of the event loop's busy samples per category (LOOP_CATEGORIES), from py-spy's raw output."""
     counts: collections.Counter[str] = collections.Counter()
@@ -151,14 +163,7 @@ def _loop_profile(raw: Path, pid: int) -> dict[str, float]:
             continue  # another thread's sample (the event loop is the main thread)
         if any(idle in frame for frame in frames[-4:] for idle in IDLE_FRAMES):
             continue  # waiting for events: idle
-        category = next((c for c, keys in WHOLE_STACK_CATEGORIES if any(k in f for f in frames for k in keys)),
-                        "other Python")  # fmt: skip
-        for frame in reversed(frames if category == "other Python" else ()):
-            hit = next((c for c, keys in LOOP_CATEGORIES if any(k in frame for k in keys)), None)
-            if hit is not None:
-                category = hit
-                break
-        counts[category] += int(n)
+        counts[_category(frames)] += int(n)
     total = sum(counts.values()) or 1
     return {c: n / total for c, n in counts.most_common()}
 
@@ -278,14 +283,13 @@ def decode_floor_us(images: list[bytes], passes: int = 5) -> float:
     from fusionserve.server.settings import ServerSettings
 
     limits = Limits.from_settings(ServerSettings())
-    best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
+
+    def decode_all() -> None:
         for data in images:
             check_image_header(data, limits)
             decode_image(data)
-        best = min(best, (time.perf_counter() - started) / len(images))
-    return best * 1e6
+
+    return min(time_calls(decode_all, 0.0, passes)) / len(images) * 1e6
 
 
 def report(row: dict[str, Any]) -> None:
