@@ -87,6 +87,7 @@ class BatchStats:
 
     on_batch: Callable[[int, float], None] | None = None  # (items, compute seconds)
     on_queue_time: Callable[[float], None] | None = None  # seconds one work item waited
+    on_decode: Callable[[int, float], None] | None = None  # (images, seconds) a pipeline batch spent decoding
 
 
 class DynamicBatcher:

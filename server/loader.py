@@ -148,6 +148,7 @@ async def load_pipeline(
             preprocessing = plan.image_preprocessing
             image_bytes = encode_png(np.full((preprocessing.height, preprocessing.width, 3), 127, np.uint8))
             await entry.pipeline.run([image_bytes], ["warm up"])
+        batcher.stats = metrics.pipeline_stats(config.name, config.version)  # served work, not the warm-up
         entry.state = READY
         logger.info("pipeline %s v%d READY (steps %s)", config.name, config.version, config.steps)
     except Exception as e:  # a broken pipeline must not take the tensor models down with it

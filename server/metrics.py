@@ -108,6 +108,12 @@ class Metrics:
             "fusionserve_batch_size", "Rows per onnxruntime run", ["model", "version"], buckets=_BATCH_BUCKETS,
             registry=r,
         )  # fmt: skip
+        # A pipeline's decoding, per image: rate(seconds) / rate(images). Wall time, so it includes taking
+        # Python's lock back after each image (OpenCV gives it up while it decodes).
+        self.image_decodes = Counter("fusionserve_image_decodes", "Images a pipeline version checked and decoded "
+                                     "(refused ones included)", ["model", "version"], registry=r)  # fmt: skip
+        self.image_decode_time = Counter("fusionserve_image_decode_seconds", "Time a pipeline version spent checking, "
+                                         "decoding and resizing images", ["model", "version"], registry=r)  # fmt: skip
         # multiprocess_mode: how workers' values add up (livesum: over live workers); ignored in one process.
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r,
                               multiprocess_mode="livesum")  # fmt: skip
@@ -284,6 +290,17 @@ class Metrics:
             totals.queued(seconds)
 
         return BatchStats(on_batch=on_batch, on_queue_time=on_queue_time)
+
+    def pipeline_stats(self, model: str, version: int) -> BatchStats:
+        """Hooks for the batcher of one pipeline version: its decoding (its models count their own batches)."""
+        images, seconds_spent = self.image_decodes.labels(model, str(version)), self.image_decode_time.labels(
+            model, str(version))
+
+        def on_decode(count: int, seconds: float) -> None:
+            images.inc(count)
+            seconds_spent.inc(seconds)
+
+        return BatchStats(on_decode=on_decode)
 
     def pipeline_run(self, model: str, rows: int, seconds: float) -> None:
         """Count one run of a pipeline over ``rows`` items (its steps count their own batches)."""

@@ -89,6 +89,7 @@ class Ran:
 
     done: list[Done]
     decoded: tuple[float, float] | None = None  # (started, seconds) of decoding
+    images: int = 0  # images decoded or refused by their header
     runs: list[tuple[Stage, float, float, int]] = field(default_factory=list)  # (stage, started, seconds, rows)
 
 
@@ -131,7 +132,7 @@ class PipelineRun:
             except FusionServeError as e:
                 ran.done[j].image_errors[i] = e
         pixels = p.scale_pixels(sized[: len(decoded)])  # the whole batch at once (see scale_pixels)
-        ran.decoded = (started, time.perf_counter() - started)
+        ran.decoded, ran.images = (started, time.perf_counter() - started), len(wanted)
         if decoded:
             rows = self._timed(self.image, {self.image.step.inputs[0]: pixels}, ran)
             for (j, i), row in zip(decoded, rows, strict=True):
@@ -193,7 +194,9 @@ class PipelineBatcher(DynamicBatcher):
         return outputs.done
 
     def _ran(self, outputs: Ran, live: list[_Work]) -> None:
-        """Each model counts its part of the batch as one of its own runs (its statistics and metrics)."""
+        """The pipeline counts its decoding, and each model its part of the batch as one of its own runs."""
+        if outputs.decoded is not None and self.stats.on_decode:
+            self.stats.on_decode(outputs.images, outputs.decoded[1])
         for stage, started, seconds, rows in outputs.runs:
             stage.batcher.record(rows, seconds, [started - w.enqueued for w in live if w.inputs.uses(stage.role)])
 

@@ -325,6 +325,9 @@ def test_metrics_count_what_was_served(uncached, samples):
         assert delta("fusionserve_compute_time_seconds_count", model=model, version="1") == 3, model
         assert delta("fusionserve_queue_time_seconds_count", model=model, version="1") == 3, model
         assert after[("fusionserve_queued_items", (("model", model),))] == 0, model
+    # The pipeline's decoding: each served item's image once (the refused call's text failed first).
+    assert delta("fusionserve_image_decodes_total", model="multimodal", version="1") == 6
+    assert delta("fusionserve_image_decode_seconds_total", model="multimodal", version="1") > 0
     assert after[("fusionserve_inflight_requests", (("model", "multimodal"),))] == 0
     assert after[("fusionserve_resident_memory_bytes", ())] > 50 * 2**20  # this process, onnxruntime loaded
 
