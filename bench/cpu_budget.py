@@ -24,7 +24,11 @@ defaults otherwise. For each caller count:
    the models' runs, the rest of the batch thread's CPU, and the time left, when the batch thread
    computes nothing (it waits for Python's lock while the loop holds it, for its hand-offs, and for
    the next batch to gather); how long an item waits from its call reaching the pipeline to the
-   image encoder's run (queueing, the hand-off and decoding: ``fusionserve_queue_time_seconds``).
+   image encoder's run (queueing, the hand-off and decoding: ``fusionserve_queue_time_seconds``); and
+   how long decoding an image took in the batch, by the server's own timers
+   (``fusionserve_image_decode_seconds_total`` over ``fusionserve_image_decodes_total``: wall time).
+   Set beside the floor (5.), the difference is mostly waiting: OpenCV gives Python's lock up while
+   it decodes each image, and taking it back waits while the event loop holds it.
 5. **The floor** (once, in this bench process, on one thread in a tight loop): what checking and
    decoding one of perf_analyzer's images costs alone (they are at the model's size: nothing to
    resize). With the models' runs, it is the CPU an item costs before any serving work.
@@ -195,6 +199,13 @@ def idle_cpu_ms_per_s(server: ServerProcess, duration_s: float) -> float:
     return (server.cpu_seconds() - before) / duration_s * 1000
 
 
+def _decoding(server: ServerProcess) -> tuple[float, float]:
+    """(seconds, images) the pipeline has spent decoding so far, by its own timers."""
+    labels = '{model="multimodal",version="1"}'
+    return (server.metric(f"fusionserve_image_decode_seconds_total{labels}"),
+            server.metric(f"fusionserve_image_decodes_total{labels}"))  # fmt: skip
+
+
 def _items(server: ServerProcess) -> float:
     return server.metric('fusionserve_requests_total{api="v2",code="OK",model="multimodal",version="1"}')
 
@@ -213,17 +224,17 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     raw = Path(tempfile.mkdtemp()) / "profile.raw"
 
     def snapshot() -> tuple[dict[int, tuple[str, float]], float, dict[str, float], dict[str, tuple[float, float]],
-                            dict[str, tuple[float, float]], float]:  # fmt: skip
+                            dict[str, tuple[float, float]], tuple[float, float], float]:  # fmt: skip
         return (_thread_cpu_s(server.pid), _items(server), _compute_s(server), _batches(server), _queue_s(server),
-                time.monotonic())  # fmt: skip
+                _decoding(server), time.monotonic())  # fmt: skip
 
     # First the exact figures, with nothing else looking; then the profile (py-spy stops the server
     # a hundred times a second, which would bend the first).
-    threads0, items0, compute0, batches0, queue0, wall0 = snapshot()
+    threads0, items0, compute0, batches0, queue0, decoding0, wall0 = snapshot()
     idle0, client0 = _machine_idle_s(), server.cpu_seconds(driver.pid)
     time.sleep(duration_s)
     idle1, client1 = _machine_idle_s(), server.cpu_seconds(driver.pid)
-    threads1, items1, compute1, batches1, queue1, wall1 = snapshot()
+    threads1, items1, compute1, batches1, queue1, decoding1, wall1 = snapshot()
     # Named after the window: a thread pool may have started a thread during it.
     names = _python_thread_names(server.pid)
     cpu0, cpu1 = _by_group(threads0, names), _by_group(threads1, names)
@@ -244,7 +255,9 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
     row["mean_batch_by_model"] = {m: items / count for m, (items, count) in runs.items() if count}
     thread_s = cpu1.get(BATCH_THREADS, 0.0) - cpu0.get(BATCH_THREADS, 0.0)
     (waited1, calls1), (waited0, calls0) = (q.get(IMAGE_ENCODER, (0.0, 0.0)) for q in (queue1, queue0))
-    row["batch_cycle"] = _batch_cycle(runs, compute, thread_s, (waited1 - waited0, calls1 - calls0), wall1 - wall0)
+    decoding = (decoding1[0] - decoding0[0], decoding1[1] - decoding0[1])
+    row["batch_cycle"] = _batch_cycle(runs, compute, thread_s, (waited1 - waited0, calls1 - calls0), decoding,
+                                      wall1 - wall0)  # fmt: skip
     used = {"server": sum(cpu1.values()) - sum(cpu0.values()), "perf_analyzer": client1 - client0,
             "idle": idle1 - idle0}  # fmt: skip
     row["cores"] = {k: seconds / (wall1 - wall0) for k, seconds in used.items()}
@@ -256,11 +269,13 @@ def measure(server: ServerProcess, callers: int, duration_s: float, profile: boo
 
 
 def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float], thread_s: float,
-                 queued: tuple[float, float], seconds: float) -> dict[str, float]:  # fmt: skip
+                 queued: tuple[float, float], decoding: tuple[float, float],
+                 seconds: float) -> dict[str, float]:  # fmt: skip
     """The pipeline's batch cycle in a window of ``seconds`` (see the module docstring); {} when no batch ran.
 
     ``runs``: (items, batches) per model; ``compute``: each model's run time; ``thread_s``: the batch
-    threads' CPU; ``queued``: (seconds waited, calls) before the image encoder's runs; all in the window.
+    threads' CPU; ``queued``: (seconds waited, calls) before the image encoder's runs; ``decoding``:
+    (seconds, images) of the pipeline's decoding; all in the window.
     Each pipeline batch runs each of its models once (every item is computed: the cache is off), so
     the image encoder's runs count the batches.
     """
@@ -269,11 +284,14 @@ def _batch_cycle(runs: dict[str, tuple[float, float]], compute: dict[str, float]
         return {}
     models = sum(compute.values())
     waited, calls = queued
+    decode_s, images = decoding
     cycle = seconds / batches
     return {"batches_per_s": batches / seconds, "items_per_batch": items / batches, "cycle_ms": cycle * 1000,
             "models_ms": models / batches * 1000, "batch_thread_other_cpu_ms": (thread_s - models) / batches * 1000,
             "batch_thread_idle_ms": (cycle - thread_s / batches) * 1000,
-            "wait_until_image_encoder_ms": waited / calls * 1000 if calls else 0.0}  # fmt: skip
+            "wait_until_image_encoder_ms": waited / calls * 1000 if calls else 0.0,
+            "decoding_ms": decode_s / batches * 1000,
+            "decoding_us_per_image": decode_s / images * 1e6 if images else 0.0}  # fmt: skip
 
 
 def decode_floor_us(images: list[bytes], passes: int = 5) -> float:
@@ -309,6 +327,8 @@ def report(row: dict[str, Any]) -> None:
               f"other CPU {cycle['batch_thread_other_cpu_ms']:.1f} ms, the batch thread idle or waiting "
               f"{cycle['batch_thread_idle_ms']:.1f} ms; an item waits {cycle['wait_until_image_encoder_ms']:.1f} ms "
               "from reaching the pipeline to its image encoder's run")  # fmt: skip
+        print(f"  decoding in the batch (the server's timers, wall): {cycle['decoding_ms']:.1f} ms a batch, "
+              f"{cycle['decoding_us_per_image']:.0f} µs an image (alone: the floor)")  # fmt: skip
 
 
 def main() -> int:
