@@ -293,8 +293,8 @@ class Metrics:
 
     def pipeline_stats(self, model: str, version: int) -> BatchStats:
         """Hooks for the batcher of one pipeline version: its decoding (its models count their own batches)."""
-        images, seconds_spent = self.image_decodes.labels(model, str(version)), self.image_decode_time.labels(
-            model, str(version))
+        labels = (model, str(version))
+        images, seconds_spent = self.image_decodes.labels(*labels), self.image_decode_time.labels(*labels)
 
         def on_decode(count: int, seconds: float) -> None:
             images.inc(count)
