@@ -110,10 +110,11 @@ class Metrics:
         )  # fmt: skip
         # A pipeline's decoding, per image: rate(seconds) / rate(images). Wall time, so it includes taking
         # Python's lock back after each image (OpenCV gives it up while it decodes).
-        self.image_decodes = Counter("fusionserve_image_decodes", "Images a pipeline version checked and decoded "
-                                     "(refused ones included)", ["model", "version"], registry=r)  # fmt: skip
-        self.image_decode_time = Counter("fusionserve_image_decode_seconds", "Time a pipeline version spent checking, "
-                                         "decoding and resizing images", ["model", "version"], registry=r)  # fmt: skip
+        self.image_decodes = Counter("fusionserve_image_decodes", "Images a pipeline version decoded",
+                                     ["model", "version"], registry=r)  # fmt: skip
+        self.image_decode_time = Counter("fusionserve_image_decode_seconds", "Time a pipeline version's batches that "
+                                         "decoded images spent checking, decoding and resizing them",
+                                         ["model", "version"], registry=r)  # fmt: skip
         # multiprocess_mode: how workers' values add up (livesum: over live workers); ignored in one process.
         self.inflight = Gauge("fusionserve_inflight_requests", "Requests being served", ["model"], registry=r,
                               multiprocess_mode="livesum")  # fmt: skip

@@ -89,7 +89,7 @@ class Ran:
 
     done: list[Done]
     decoded: tuple[float, float] | None = None  # (started, seconds) of decoding
-    images: int = 0  # images decoded or refused by their header
+    images: int = 0  # images decoded (refused ones not counted; their checks are in the time)
     runs: list[tuple[Stage, float, float, int]] = field(default_factory=list)  # (stage, started, seconds, rows)
 
 
@@ -132,7 +132,7 @@ class PipelineRun:
             except FusionServeError as e:
                 ran.done[j].image_errors[i] = e
         pixels = p.scale_pixels(sized[: len(decoded)])  # the whole batch at once (see scale_pixels)
-        ran.decoded, ran.images = (started, time.perf_counter() - started), len(wanted)
+        ran.decoded, ran.images = (started, time.perf_counter() - started), len(decoded)
         if decoded:
             rows = self._timed(self.image, {self.image.step.inputs[0]: pixels}, ran)
             for (j, i), row in zip(decoded, rows, strict=True):
@@ -195,7 +195,7 @@ class PipelineBatcher(DynamicBatcher):
 
     def _ran(self, outputs: Ran, live: list[_Work]) -> None:
         """The pipeline counts its decoding, and each model its part of the batch as one of its own runs."""
-        if outputs.decoded is not None and self.stats.on_decode:
+        if outputs.decoded is not None and outputs.images and self.stats.on_decode:  # a time an image, never x/0
             self.stats.on_decode(outputs.images, outputs.decoded[1])
         for stage, started, seconds, rows in outputs.runs:
             stage.batcher.record(rows, seconds, [started - w.enqueued for w in live if w.inputs.uses(stage.role)])
